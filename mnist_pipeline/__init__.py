@@ -1,0 +1,1 @@
+"""Shared code of the MNIST pipeline: params, IDX data, model, losses, training and tracking."""

@@ -1,0 +1,96 @@
+"""MLflow bookkeeping: the store `mlflow ui` opens in the repo root, runs tied to git and DVC, found by model hash."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.exceptions import MlflowException
+
+# The tag that ties a run to the model file it trained, so evaluate and plot find it without any state file.
+MODEL_TAG = "model_sha256"
+STORE_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlruns"
+
+
+def repo_root() -> Path:
+    """The main repo's root: DVC sets DVC_ROOT there, even for `--temp` and queued experiments."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def configure(experiment: str) -> str:
+    """Point MLflow at the store and return the experiment's id, creating it if needed.
+
+    The default is the store `mlflow ui` opens in the repo root (sqlite:///mlflow.db, artifacts under
+    mlruns/), as absolute paths so that experiments running in copies of the repo still land there.
+    MLFLOW_TRACKING_URI overrides it.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    artifact_location = None
+    if not uri:
+        root = repo_root()
+        uri = f"sqlite:///{root / STORE_FILE}"
+        artifact_location = (root / ARTIFACTS_DIR).as_uri()
+    mlflow.set_tracking_uri(uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return mlflow.create_experiment(experiment, artifact_location=artifact_location)
+    except MlflowException:
+        # Another process created it between our lookup and our create.
+        found = mlflow.get_experiment_by_name(experiment)
+        if found is None:
+            raise
+        return found.experiment_id
+
+
+def run_tags() -> dict[str, str]:
+    """Tags tying a run to its git commit and, under `dvc exp run`, to the DVC experiment."""
+    tags = {}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
+    if commit.returncode == 0:
+        tags["mlflow.source.git.commit"] = commit.stdout.strip()
+    for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.exp_baseline_rev")):
+        if os.environ.get(env):
+            tags[tag] = os.environ[env]
+    return tags
+
+
+def log_metrics_at(run_id: str, step: int, metrics: dict[str, float]) -> None:
+    """Log several metrics at one step in a single request."""
+    now = int(time.time() * 1000)
+    batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
+    mlflow.MlflowClient().log_batch(run_id, metrics=batch)
+
+
+def find_run(experiment_id: str, model_sha256: str) -> str | None:
+    """The newest run that trained the model with this hash, if any."""
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment_id],
+        filter_string=f"tags.{MODEL_TAG} = '{model_sha256}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+        output_format="list",
+    )
+    return runs[0].info.run_id if runs else None
+
+
+@contextmanager
+def model_run(experiment_id: str, model_sha256: str, params: dict[str, object]) -> Iterator[mlflow.ActiveRun]:
+    """Reopen the run that trained this model; if the store lost it, open a new run for it."""
+    run_id = find_run(experiment_id, model_sha256)
+    if run_id is None:
+        print(f"mlflow: no run trained model {model_sha256[:12]}; recording in a new run")
+        with mlflow.start_run(experiment_id=experiment_id, tags={MODEL_TAG: model_sha256, **run_tags()}) as run:
+            mlflow.log_params(params)
+            yield run
+        return
+    with mlflow.start_run(run_id=run_id) as run:
+        yield run

@@ -1,0 +1,178 @@
+"""The seed's training loop, made fast and reproducible: in-memory tensors, seeded batches, best model by validation."""
+
+from __future__ import annotations
+
+import io
+import math
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mnist_pipeline.params import TrainParams
+
+# Mean and standard deviation of the MNIST training pixels (scaled to [0, 1]).
+PIXEL_MEAN, PIXEL_STD = 0.1307, 0.3081
+BACKGROUND = -PIXEL_MEAN / PIXEL_STD  # a black pixel after normalization
+EVAL_BATCH = 2000
+
+
+@dataclass(frozen=True)
+class LogRow:
+    """One report of the loop, every `log_every` iterations and at the last one."""
+
+    iteration: int
+    epoch: int
+    train_acc: float
+    train_loss: float
+    val_acc: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """The best weights by validation accuracy, where they were reached, and every report."""
+
+    best_state: dict[str, torch.Tensor]
+    best_val_acc: float
+    best_iteration: int
+    log: list[LogRow]
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 N x 28 x 28 images as a normalized float32 N x 1 x 28 x 28 tensor."""
+    x = torch.from_numpy(images).float().div_(255.0)
+    return x.sub_(PIXEL_MEAN).div_(PIXEL_STD).unsqueeze(1)
+
+
+def select_device(name: str) -> torch.device:
+    """`auto` takes CUDA when present; `cuda` without a GPU is an error."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("params.yaml: train.device: 'cuda' asked for, but no CUDA device is available")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name)
+
+
+def make_deterministic(seed: int, num_threads: int) -> None:
+    """Fix every source of run-to-run variation: the seed, the thread count, the kernels."""
+    torch.manual_seed(seed)
+    torch.set_num_threads(num_threads)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+
+
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """Translate each image by its own random offset of up to `max_shift` pixels, filling with background."""
+    b, _, h, w = x.shape
+    padded = F.pad(x, (max_shift,) * 4, value=BACKGROUND)
+    offsets = torch.randint(0, 2 * max_shift + 1, (b, 2), generator=generator).to(x.device)
+    rows = offsets[:, 0, None] + torch.arange(h, device=x.device)
+    cols = offsets[:, 1, None] + torch.arange(w, device=x.device)
+    batch = torch.arange(b, device=x.device)[:, None, None]
+    return padded[batch, 0, rows[:, :, None], cols[:, None, :]].unsqueeze(1)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    """Logits for all of `x`, computed in batches on the model's device."""
+    model.eval()
+    device = next(model.parameters()).device
+    return torch.cat([model(x[i : i + batch_size].to(device)) for i in range(0, len(x), batch_size)])
+
+
+def make_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
+    """Adam or SGD with Nesterov momentum, as params.yaml says."""
+    if params.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=params.lr, momentum=params.momentum,
+        nesterov=params.momentum > 0, weight_decay=params.weight_decay,
+    )
+
+
+def train(
+    model: nn.Module,
+    train_data: tuple[torch.Tensor, torch.Tensor],
+    val_data: tuple[torch.Tensor, torch.Tensor],
+    params: TrainParams,
+    seed: int,
+    on_log: Callable[[LogRow, bool], None] = lambda row, improved: None,
+    on_step: Callable[[], None] = lambda: None,
+) -> TrainResult:
+    """Train, reporting every `log_every` iterations and at the end; keep the best model by validation accuracy."""
+    device = next(model.parameters()).device
+    x, y = train_data[0].to(device), train_data[1].to(device)
+    val_x, val_y = val_data
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(len(x) / params.batch_size)
+    total_steps = params.epochs * steps_per_epoch
+    optimizer = make_optimizer(model, params)
+    scheduler = (
+        torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=params.lr, total_steps=total_steps)
+        if params.schedule == "onecycle" else None
+    )
+    best_state, best_acc, best_iteration, log = None, -1.0, 0, []
+    window_loss = torch.zeros((), device=device)
+    window_correct = torch.zeros((), dtype=torch.long, device=device)
+    window_n, iteration = 0, 0
+    for epoch in range(params.epochs):
+        order = torch.randperm(len(x), generator=generator).to(device)
+        model.train()
+        for start in range(0, len(x), params.batch_size):
+            index = order[start : start + params.batch_size]
+            xb, yb = x[index], y[index]
+            if params.shift:
+                xb = random_shift(xb, params.shift, generator)
+            logits = model(xb)
+            loss = F.cross_entropy(logits, yb)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            iteration += 1
+            on_step()
+            # Accumulate on the device: no host sync per iteration.
+            window_loss += loss.detach() * len(yb)
+            window_correct += (logits.argmax(1) == yb).sum()
+            window_n += len(yb)
+            if iteration % params.log_every and iteration != total_steps:
+                continue
+            val_acc = float((predict(model, val_x).argmax(1).cpu() == val_y).double().mean())
+            row = LogRow(iteration, epoch, float(window_correct) / window_n, float(window_loss) / window_n, val_acc)
+            log.append(row)
+            improved = val_acc > best_acc
+            if improved:
+                best_acc, best_iteration = val_acc, iteration
+                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+            on_log(row, improved)
+            window_loss.zero_()
+            window_correct.zero_()
+            window_n = 0
+            model.train()
+    return TrainResult(best_state, best_acc, best_iteration, log)
+
+
+def state_dict_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    """Serialize weights to bytes: saving to memory keeps temporary file names out of the archive."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
+
+
+def load_state_dict(path: str, model: nn.Module) -> None:
+    """Load weights with weights_only=True: tensors only, never arbitrary pickled objects."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"{path}: not a model weights file ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ValueError(f"{path}: weights do not fit the seed's network: {err}") from None

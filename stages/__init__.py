@@ -1,0 +1,1 @@
+"""One module per DVC stage, run as `python -m stages.<name>` from the repo root."""

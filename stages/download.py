@@ -1,0 +1,28 @@
+"""DVC stage download: the four MNIST IDX files, verified and uncompressed, into the raw-data folder."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from mnist_pipeline.params import load_params
+from mnist_pipeline.sources import SourceError, default_sources, download_mnist
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out", type=Path, help="folder for the uncompressed IDX files")
+    args = parser.parse_args()
+    params = load_params()
+    start = time.perf_counter()
+    try:
+        source = download_mnist(args.out, default_sources(params.download.timeout_s))
+    except SourceError as err:
+        sys.exit(f"download: {err}")
+    print(f"download: verified MNIST files from {source} in {args.out} ({time.perf_counter() - start:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,46 @@
+"""DVC stage split: draw the train/validation indices of the training images from the seed."""
+
+from __future__ import annotations
+
+import argparse
+import io
+from pathlib import Path
+
+import numpy as np
+
+from mnist_pipeline.data import load_mnist
+from mnist_pipeline.files import atomic_write_bytes
+from mnist_pipeline.params import load_params
+
+
+def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A seeded permutation of range(n), cut into sorted train and validation indices."""
+    n_val = round(n * val_fraction)
+    if not 0 < n_val < n:
+        raise ValueError(f"split.val_fraction {val_fraction} of {n} images leaves an empty train or validation set")
+    order = np.random.default_rng(seed).permutation(n)
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Save one array as .npy atomically (the format holds no timestamp, so equal arrays give equal bytes)."""
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("raw", type=Path, help="folder of the MNIST IDX files")
+    parser.add_argument("out", type=Path, help="folder for train.npy and val.npy")
+    args = parser.parse_args()
+    params = load_params()
+    _, labels = load_mnist(args.raw, "train")
+    train, val = split_indices(len(labels), params.split.val_fraction, params.seed)
+    save_npy(args.out / "train.npy", train)
+    save_npy(args.out / "val.npy", val)
+    print(f"split: {len(train)} train / {len(val)} validation images -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

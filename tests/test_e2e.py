@@ -1,0 +1,88 @@
+"""End to end: the real `dvc repro` on the real MNIST data, in a temporary git repo made from this project."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from tests.conftest import REPO
+
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
+    "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost",
+}
+
+
+def project_env(**extra: str) -> dict[str, str]:
+    """This Python's environment first on PATH (DVC runs `python -m stages...`), no inherited tracking settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "MNIST_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return {**env, **GIT_IDENTITY, **extra}
+
+
+def copy_project(dest: Path) -> Path:
+    """The project's tracked and not-ignored files, committed in a fresh git repo: what a clone holds."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    env = project_env()
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True, env=env)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", "clone"], cwd=dest, check=True, env=env)
+    return dest
+
+
+def dvc(clone: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=clone, env=project_env(**env), capture_output=True, text=True
+    )
+    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+@pytest.mark.slow
+def test_dvc_repro_on_real_data_reproduces_the_committed_results(tmp_path: Path, shared_mnist: Path) -> None:
+    clone = copy_project(tmp_path / "clone")
+    assert (clone / "dvc.lock").exists(), "dvc.lock must be committed from a real run"
+    dvc(clone, "repro", MNIST_MIRROR=str(shared_mnist))
+
+    # Same params and data give the same bytes: the committed lock file and reports are unchanged.
+    diff = subprocess.run(["git", "status", "--porcelain", "--", "dvc.lock", "reports"], cwd=clone,
+                          capture_output=True, text=True, check=True)
+    assert diff.stdout == "", f"dvc repro changed committed files:\n{diff.stdout}"
+
+    metrics = json.loads((clone / "reports/metrics.json").read_text())["test"]
+    assert metrics["accuracy"] >= 0.992
+    assert abs(metrics["cross_entropy_manual"] - metrics["loss"]) <= 1e-5
+    for name in ("predictions.png", "misclassified.png", "confusion_matrix.png"):
+        assert (clone / "reports/figures" / name).stat().st_size > 10_000
+
+    mlflow.set_tracking_uri(f"sqlite:///{clone / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name("mnist")
+    assert experiment.artifact_location == (clone / "mlruns").as_uri()
+    (run,) = mlflow.search_runs([experiment.experiment_id], output_format="list")
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
+    assert run.data.tags["mlflow.source.git.commit"] == subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True, check=True).stdout.strip()
+    client = mlflow.MlflowClient()
+    assert len(client.get_metric_history(run.info.run_id, "val_acc")) >= 10
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} == {
+        "figures/predictions.png", "figures/misclassified.png", "figures/confusion_matrix.png"}
+    (version,) = client.search_model_versions("name = 'mnist-cnn'")
+    assert version.run_id == run.info.run_id
+
+    again = dvc(clone, "repro")
+    assert "Data and pipelines are up to date." in again.stdout

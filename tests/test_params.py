@@ -1,0 +1,91 @@
+"""params.yaml: the real file loads; each kind of mistake is one error naming the file and the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mnist_pipeline.params import ParamsError, Params, flatten, load_params
+from tests.conftest import REPO
+
+
+def write(tmp_path: Path, params: dict) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    return path
+
+
+def real() -> dict:
+    return yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def test_real_params_load() -> None:
+    params = load_params(REPO / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.split.val_fraction == 0.3
+    assert params.train.log_every == 500
+    assert params.mlflow.registered_model == "mnist-cnn"
+
+
+def test_flatten_uses_dvc_names() -> None:
+    flat = flatten(load_params(REPO / "params.yaml"))
+    assert flat["seed"] == 42
+    assert flat["train.lr"] == load_params(REPO / "params.yaml").train.lr
+    assert "train" not in flat
+
+
+@pytest.mark.parametrize(
+    ("edit", "key", "words"),
+    [
+        (lambda p: p["train"].update(lr="fast"), "train.lr", "must be a number, got 'fast'"),
+        (lambda p: p["train"].update(lr=-0.1), "train.lr", "must be in (0, 10]"),
+        (lambda p: p["train"].update(batch_size=0), "train.batch_size", "must be in [1, 60000]"),
+        (lambda p: p["train"].update(epochs=2.5), "train.epochs", "must be an integer"),
+        (lambda p: p["train"].update(epochs=True), "train.epochs", "must be an integer"),
+        (lambda p: p["train"].update(optimizer="adamw"), "train.optimizer", "must be one of 'adam', 'sgd'"),
+        (lambda p: p["split"].update(val_fraction=1.5), "split.val_fraction", "must be in (0, 1)"),
+        (lambda p: p["split"].update(val_fraction=float("nan")), "split.val_fraction", "must be in (0, 1)"),
+        (lambda p: p["train"].update(lrr=0.1), "train.lrr", "unknown key; did you mean 'lr'?"),
+        (lambda p: p.update(colour="blue"), "colour", "unknown key"),
+        (lambda p: p["train"].pop("shift"), "train.shift", "missing key"),
+        (lambda p: p.pop("seed"), "seed", "missing key"),
+        (lambda p: p.update(seed=-1), "seed", "must be in [0, 2**32)"),
+        (lambda p: p.update(plot=[1, 2]), "plot", "must be a mapping"),
+        (lambda p: p["mlflow"].update(registered_model="my model"), "mlflow.registered_model", "letters, digits"),
+    ],
+)
+def test_bad_params_name_file_and_key(tmp_path: Path, edit, key: str, words: str) -> None:
+    params = real()
+    edit(params)
+    path = write(tmp_path, params)
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    assert str(info.value).startswith(f"{path}: {key}: ")
+    assert words in str(info.value)
+    assert info.value.key == key
+
+
+def test_exponent_floats_as_dvc_writes_them(tmp_path: Path) -> None:
+    # `dvc exp run -S train.lr=1e-3` may leave `lr: 1e-3`, which plain YAML 1.1 reads as a string.
+    text = (REPO / "params.yaml").read_text().replace("lr: 0.01 ", "lr: 1e-3 ")
+    assert "lr: 1e-3" in text
+    path = tmp_path / "params.yaml"
+    path.write_text(text)
+    assert load_params(path).train.lr == 0.001
+
+
+def test_missing_and_malformed_files(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match=r"missing\.yaml: <file>: cannot be read"):
+        load_params(tmp_path / "missing.yaml")
+    broken = tmp_path / "params.yaml"
+    broken.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="is not valid YAML"):
+        load_params(broken)
+
+
+def test_params_are_frozen() -> None:
+    params = load_params(REPO / "params.yaml")
+    with pytest.raises(AttributeError):
+        params.train.lr = 1.0  # type: ignore[misc]

@@ -1,0 +1,81 @@
+"""Smoke runs of every stage's main() on tiny generated IDX files, MLflow's store in a temporary folder."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+
+from mnist_pipeline import sources, tracking
+from mnist_pipeline.data import MnistFile
+from mnist_pipeline.files import sha256_file
+from stages import download, evaluate, plot, split, train
+
+
+def run_stage(module, monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
+    monkeypatch.setattr(sys, "argv", [module.__name__, *args])
+    module.main()
+
+
+@pytest.fixture
+def pipeline(workdir: Path, tiny_mnist: tuple[Path, tuple[MnistFile, ...]], monkeypatch: pytest.MonkeyPatch) -> Path:
+    """All five stages run in order on the tiny data; returns the working folder."""
+    folder, files = tiny_mnist
+    monkeypatch.setenv("MNIST_MIRROR", str(folder))
+    monkeypatch.setattr(sources, "MNIST_FILES", files)
+    run_stage(download, monkeypatch, "data/raw")
+    run_stage(split, monkeypatch, "data/raw", "data/split")
+    run_stage(train, monkeypatch, "data/raw", "data/split", "models/model.pt", "reports/train_log.csv", "reports/train.json")
+    run_stage(evaluate, monkeypatch, "data/raw", "models/model.pt", "reports/metrics.json", "reports/predictions.csv")
+    run_stage(plot, monkeypatch, "data/raw", "reports/predictions.csv", "models/model.pt", "reports/figures")
+    return workdir
+
+
+def test_stage_outputs(pipeline: Path, tiny_mnist: tuple[Path, tuple[MnistFile, ...]]) -> None:
+    folder, _ = tiny_mnist
+    for path in folder.iterdir():
+        assert (pipeline / "data/raw" / path.name).read_bytes() == path.read_bytes()
+    train_idx, val_idx = np.load("data/split/train.npy"), np.load("data/split/val.npy")
+    assert (len(train_idx), len(val_idx)) == (168, 72)
+    assert sorted(np.concatenate([train_idx, val_idx])) == list(range(240))
+
+    log = Path("reports/train_log.csv").read_text().splitlines()
+    assert log[0] == "iteration,epoch,train_acc,train_loss,val_acc"
+    # 168 images in batches of 32: 6 iterations an epoch, 12 in all, reported every 4 and at the end.
+    assert [int(row.split(",")[0]) for row in log[1:]] == [4, 8, 12]
+
+    metrics = json.loads(Path("reports/metrics.json").read_text())["test"]
+    assert 0 <= metrics["accuracy"] <= 1
+    assert abs(metrics["cross_entropy_manual"] - metrics["loss"]) <= 1e-5
+    assert sorted(metrics["per_class_accuracy"]) == [str(c) for c in range(10)]
+    predictions = Path("reports/predictions.csv").read_text().splitlines()
+    assert predictions[0] == "index,actual,predicted" and len(predictions) == 61
+    hits = sum(row.split(",")[1] == row.split(",")[2] for row in predictions[1:])
+    assert hits / 60 == pytest.approx(metrics["accuracy"], abs=1e-6)
+    for name in ("predictions.png", "misclassified.png", "confusion_matrix.png"):
+        assert Path("reports/figures", name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_one_mlflow_run_holds_training_evaluation_and_figures(pipeline: Path) -> None:
+    experiment_id = tracking.configure("mnist")
+    assert mlflow.get_tracking_uri() == f"sqlite:///{pipeline / 'mlflow.db'}"
+    runs = mlflow.search_runs([experiment_id], output_format="list")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[tracking.MODEL_TAG] == sha256_file("models/model.pt")
+    assert run.data.params["train.batch_size"] == "32" and run.data.params["seed"] == "42"
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_acc")
+    assert [m.step for m in history] == [4, 8, 12]
+    metrics = json.loads(Path("reports/metrics.json").read_text())["test"]
+    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "figures")}
+    assert artifacts == {"figures/predictions.png", "figures/misclassified.png", "figures/confusion_matrix.png"}
+    assert run.info.artifact_uri.startswith((pipeline / "mlruns").as_uri())
+    model = mlflow.pyfunc.load_model(f"models:/mnist-cnn/1")
+    images = np.zeros((3, 1, 28, 28), dtype=np.float32)
+    assert model.predict(images).shape == (3, 10)
