@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import subprocess
 import time
@@ -10,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
+import yaml
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
@@ -68,6 +71,45 @@ def log_metrics_at(run_id: str, step: int, metrics: dict[str, float]) -> None:
     now = int(time.time() * 1000)
     batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
     mlflow.MlflowClient().log_batch(run_id, metrics=batch)
+
+
+def flat_metrics(report: dict[str, object], prefix: str = "") -> dict[str, float]:
+    """A nested metrics report as MLflow metric names: {"test": {"accuracy": x}} -> {"test_accuracy": x}."""
+    flat: dict[str, float] = {}
+    for key, value in report.items():
+        if isinstance(value, dict):
+            flat.update(flat_metrics(value, f"{prefix}{key}_"))
+        elif isinstance(value, (int, float)):
+            flat[f"{prefix}{key}"] = float(value)
+    return flat
+
+
+def log_recorded_results(model: Path, lock: Path = Path("dvc.lock")) -> list[str]:
+    """Log to the active run the outputs that dvc.lock records as made from this very model file.
+
+    DVC skips a stage whose inputs match dvc.lock. When training reproduces a model byte for byte (on a
+    fresh clone, say), evaluate and plot do not run again, and their committed outputs are this model's
+    results: they are logged here so that the new run has them too. Stages that do run log again.
+    """
+    if not lock.exists():
+        return []
+    md5 = hashlib.md5(model.read_bytes()).hexdigest()
+    logged = []
+    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
+        deps = stage.get("deps", [])
+        if not any(d.get("path") == model.as_posix() and d.get("md5") == md5 for d in deps):
+            continue
+        for out in stage.get("outs", []):
+            path = Path(out["path"])
+            if path.is_dir():
+                mlflow.log_artifacts(str(path), artifact_path=path.name)
+            elif path.suffix == ".json" and path.is_file():
+                mlflow.log_metrics(flat_metrics(json.loads(path.read_text())))
+                mlflow.log_artifact(str(path))
+            else:
+                continue
+            logged.append(out["path"])
+    return logged
 
 
 def find_run(experiment_id: str, model_sha256: str) -> str | None:

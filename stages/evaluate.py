@@ -66,9 +66,7 @@ def main() -> None:
 
     experiment_id = tracking.configure(params.mlflow.experiment)
     with tracking.model_run(experiment_id, sha256_file(args.model), flatten(params)):
-        scalars = {f"test_{k}": v for k, v in metrics.items() if k != "per_class_accuracy"}
-        scalars.update({f"test_acc_class_{c}": v for c, v in metrics["per_class_accuracy"].items()})
-        mlflow.log_metrics(scalars)
+        mlflow.log_metrics(tracking.flat_metrics({"test": metrics}))
         mlflow.log_artifact(str(args.metrics))
 
 

@@ -108,6 +108,9 @@ def main() -> None:
             serialization_format="pt2", pip_requirements=PIP_REQUIREMENTS,
             registered_model_name=params.mlflow.registered_model,
         )
+        reused = tracking.log_recorded_results(args.model)
+        if reused:
+            print(f"mlflow: logged {', '.join(reused)}: dvc.lock records them for this same model")
 
 
 if __name__ == "__main__":
