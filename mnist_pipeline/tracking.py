@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeVar
 
 import mlflow
 import yaml
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 
+T = TypeVar("T")
+
 # The tag that ties a run to the model file it trained, so evaluate and plot find it without any state file.
 MODEL_TAG = "model_sha256"
 STORE_FILE = "mlflow.db"
-ARTIFACTS_DIR = "mlruns"
+ARTIFACTS_DIR = "mlartifacts"
+BUSY_RETRIES = 8
 
 
 def repo_root() -> Path:
@@ -27,50 +33,108 @@ def repo_root() -> Path:
     return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
 
 
-def configure(experiment: str) -> str:
-    """Point MLflow at the store and return the experiment's id, creating it if needed.
+def retry_busy(call: Callable[..., T], *args: object, **kwargs: object) -> T:
+    """Call, retrying with back-off while SQLite reports the store busy (another run is writing)."""
+    for attempt in range(BUSY_RETRIES):
+        try:
+            return call(*args, **kwargs)
+        except MlflowException as err:
+            if "database is locked" not in str(err) or attempt == BUSY_RETRIES - 1:
+                raise
+            time.sleep(0.1 * 2**attempt)
+    raise AssertionError("unreachable")
 
-    The default is the store `mlflow ui` opens in the repo root (sqlite:///mlflow.db, artifacts under
-    mlruns/), as absolute paths so that experiments running in copies of the repo still land there.
-    MLFLOW_TRACKING_URI overrides it.
+
+def configure(experiment: str) -> str:
+    """Point MLflow at the store and return the experiment's id, creating store and experiment if needed.
+
+    The default is the store `mlflow ui` opens in the repo root (sqlite:///mlflow.db), with the
+    experiment's artifacts under mlartifacts/, as absolute paths so that experiments running in copies
+    of the repo still land there. A file lock serializes creating them, so parallel queued runs don't
+    race. MLFLOW_TRACKING_URI overrides all this.
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI")
-    artifact_location = None
-    if not uri:
-        root = repo_root()
-        uri = f"sqlite:///{root / STORE_FILE}"
-        artifact_location = (root / ARTIFACTS_DIR).as_uri()
-    mlflow.set_tracking_uri(uri)
-    found = mlflow.get_experiment_by_name(experiment)
+    if uri:
+        mlflow.set_tracking_uri(uri)
+        return _get_or_create_experiment(experiment, None)
+    root = repo_root()
+    mlflow.set_tracking_uri(f"sqlite:///{root / STORE_FILE}")
+    with (root / f"{STORE_FILE}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _get_or_create_experiment(experiment, (root / ARTIFACTS_DIR).as_uri())
+
+
+def _get_or_create_experiment(name: str, artifact_location: str | None) -> str:
+    found = retry_busy(mlflow.get_experiment_by_name, name)
     if found is not None:
         return found.experiment_id
     try:
-        return mlflow.create_experiment(experiment, artifact_location=artifact_location)
+        return retry_busy(mlflow.create_experiment, name, artifact_location=artifact_location)
     except MlflowException:
-        # Another process created it between our lookup and our create.
-        found = mlflow.get_experiment_by_name(experiment)
+        # Another process (on a remote server, say) created it between our lookup and our create.
+        found = mlflow.get_experiment_by_name(name)
         if found is None:
             raise
         return found.experiment_id
 
 
+def _git(*args: str) -> str | None:
+    result = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
 def run_tags() -> dict[str, str]:
-    """Tags tying a run to its git commit and, under `dvc exp run`, to the DVC experiment."""
+    """Tags tying a run to its git commit, whether the workspace was dirty, and the DVC experiment."""
     tags = {}
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=False)
-    if commit.returncode == 0:
-        tags["mlflow.source.git.commit"] = commit.stdout.strip()
-    for env, tag in (("DVC_EXP_NAME", "dvc.exp_name"), ("DVC_EXP_BASELINE_REV", "dvc.exp_baseline_rev")):
-        if os.environ.get(env):
-            tags[tag] = os.environ[env]
+    commit = _git("rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
+    name = os.environ.get("DVC_EXP_NAME")
+    if name:
+        tags["dvc.exp_name"] = name
+        tags["mlflow.note.content"] = f"DVC experiment `{name}`: `dvc exp apply {name}` restores its workspace."
+    if os.environ.get("DVC_EXP_BASELINE_REV"):
+        tags["dvc.exp_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
     return tags
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
+@contextmanager
+def tracked_run(**start: object) -> Iterator[mlflow.ActiveRun]:
+    """An MLflow run that always ends: FINISHED, FAILED on an error, KILLED on Ctrl+C or SIGTERM."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    run = retry_busy(mlflow.start_run, **start)
+    try:
+        yield run
+    except KeyboardInterrupt:
+        retry_busy(mlflow.end_run, "KILLED")
+        raise
+    except BaseException:
+        retry_busy(mlflow.end_run, "FAILED")
+        raise
+    else:
+        retry_busy(mlflow.end_run, "FINISHED")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def log_metrics_at(run_id: str, step: int, metrics: dict[str, float]) -> None:
     """Log several metrics at one step in a single request."""
     now = int(time.time() * 1000)
     batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-    mlflow.MlflowClient().log_batch(run_id, metrics=batch)
+    retry_busy(mlflow.MlflowClient().log_batch, run_id, metrics=batch)
+
+
+def tag_model_version(name: str, version: int | str, tags: dict[str, str]) -> None:
+    """Tie a registered model version to its DVC experiment and git commit."""
+    client = mlflow.MlflowClient()
+    for key in ("dvc.exp_name", "dvc.exp_baseline_rev", "mlflow.source.git.commit"):
+        if key in tags:
+            retry_busy(client.set_model_version_tag, name, str(version), key.removeprefix("mlflow.source."), tags[key])
 
 
 def flat_metrics(report: dict[str, object], prefix: str = "") -> dict[str, float]:
@@ -104,7 +168,7 @@ def log_recorded_results(model: Path, lock: Path = Path("dvc.lock")) -> list[str
             if path.is_dir():
                 mlflow.log_artifacts(str(path), artifact_path=path.name)
             elif path.suffix == ".json" and path.is_file():
-                mlflow.log_metrics(flat_metrics(json.loads(path.read_text())))
+                retry_busy(mlflow.log_metrics, flat_metrics(json.loads(path.read_text())))
                 mlflow.log_artifact(str(path))
             else:
                 continue
@@ -114,7 +178,8 @@ def log_recorded_results(model: Path, lock: Path = Path("dvc.lock")) -> list[str
 
 def find_run(experiment_id: str, model_sha256: str) -> str | None:
     """The newest run that trained the model with this hash, if any."""
-    runs = mlflow.search_runs(
+    runs = retry_busy(
+        mlflow.search_runs,
         experiment_ids=[experiment_id],
         filter_string=f"tags.{MODEL_TAG} = '{model_sha256}'",
         order_by=["attributes.start_time DESC"],
@@ -130,9 +195,9 @@ def model_run(experiment_id: str, model_sha256: str, params: dict[str, object]) 
     run_id = find_run(experiment_id, model_sha256)
     if run_id is None:
         print(f"mlflow: no run trained model {model_sha256[:12]}; recording in a new run")
-        with mlflow.start_run(experiment_id=experiment_id, tags={MODEL_TAG: model_sha256, **run_tags()}) as run:
-            mlflow.log_params(params)
+        with tracked_run(experiment_id=experiment_id, tags={MODEL_TAG: model_sha256, **run_tags()}) as run:
+            retry_busy(mlflow.log_params, params)
             yield run
         return
-    with mlflow.start_run(run_id=run_id) as run:
+    with tracked_run(run_id=run_id) as run:
         yield run

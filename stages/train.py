@@ -61,8 +61,8 @@ def main() -> None:
     model = Net().to(device)
 
     tags = tracking.run_tags()
-    with mlflow.start_run(experiment_id=experiment_id, run_name=tags.get("dvc.exp_name"), tags=tags) as run:
-        mlflow.log_params(flatten(params))
+    with tracking.tracked_run(experiment_id=experiment_id, run_name=tags.get("dvc.exp_name"), tags=tags) as run:
+        tracking.retry_busy(mlflow.log_params, flatten(params))
         progress = tqdm(total=p.epochs * -(-len(train_idx) // p.batch_size), desc="train", unit="it", disable=None)
 
         def report(row: LogRow, improved: bool) -> None:
@@ -101,13 +101,14 @@ def main() -> None:
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
         )
-        mlflow.log_metrics({"best_val_acc": result.best_val_acc, "train_seconds": seconds})
-        mlflow.set_tag(tracking.MODEL_TAG, sha256_file(args.model))
-        mlflow.pytorch.log_model(
-            model, name="model", signature=signature, input_example=example,
+        tracking.retry_busy(mlflow.log_metrics, {"best_val_acc": result.best_val_acc, "train_seconds": seconds})
+        tracking.retry_busy(mlflow.set_tag, tracking.MODEL_TAG, sha256_file(args.model))
+        info = tracking.retry_busy(
+            mlflow.pytorch.log_model, model, name="model", signature=signature, input_example=example,
             serialization_format="pt2", pip_requirements=PIP_REQUIREMENTS,
             registered_model_name=params.mlflow.registered_model,
         )
+        tracking.tag_model_version(params.mlflow.registered_model, info.registered_model_version, tags)
         reused = tracking.log_recorded_results(args.model)
         if reused:
             print(f"mlflow: logged {', '.join(reused)}: dvc.lock records them for this same model")

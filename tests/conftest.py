@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
+import os
+import shutil
+import socket
 import struct
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -89,3 +99,84 @@ def shared_mnist() -> Path:
     if not (SHARED_MNIST / "train-images-idx3-ubyte.gz").exists():
         pytest.fail(f"the real MNIST files are expected in {SHARED_MNIST}")
     return SHARED_MNIST
+
+
+GIT_IDENTITY = {
+    "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
+    "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost",
+}
+
+
+def project_env(**extra: str) -> dict[str, str]:
+    """This Python's environment first on PATH (DVC runs `python -m stages...`), no inherited tracking settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "MNIST_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return {**env, **GIT_IDENTITY, **extra}
+
+
+def copy_project(dest: Path) -> Path:
+    """The project's tracked and not-ignored files, committed in a fresh git repo: what a clone holds."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    env = project_env()
+    subprocess.run(["git", "init", "-q"], cwd=dest, check=True, env=env)
+    subprocess.run(["git", "add", "-A"], cwd=dest, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", "clone"], cwd=dest, check=True, env=env)
+    return dest
+
+
+def dvc(clone: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", *args], cwd=clone, env=project_env(**env), capture_output=True, text=True
+    )
+    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextmanager
+def serving(command: list[str], port: int, ready_path: str, cwd: Path, env: dict[str, str]) -> Iterator[str]:
+    """Run a server on 127.0.0.1:port until it answers ready_path; stop it afterwards. Yields its base URL."""
+    log = open(cwd / f"server-{port}.log", "w")  # noqa: SIM115 (closed below, after the process)
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(base + ready_path, timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{command[:3]} did not start:\n{(cwd / f'server-{port}.log').read_text()}")
+            time.sleep(0.5)
+        yield base
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        log.close()
+
+
+def get_json(url: str, body: dict | None = None) -> dict:
+    """GET (or POST `body` as JSON to) a URL and decode the JSON answer."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.load(response)

@@ -3,54 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
 import pytest
 
-from tests.conftest import REPO
-
-GIT_IDENTITY = {
-    "GIT_AUTHOR_NAME": "test", "GIT_AUTHOR_EMAIL": "test@localhost",
-    "GIT_COMMITTER_NAME": "test", "GIT_COMMITTER_EMAIL": "test@localhost",
-}
-
-
-def project_env(**extra: str) -> dict[str, str]:
-    """This Python's environment first on PATH (DVC runs `python -m stages...`), no inherited tracking settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "MNIST_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return {**env, **GIT_IDENTITY, **extra}
-
-
-def copy_project(dest: Path) -> Path:
-    """The project's tracked and not-ignored files, committed in a fresh git repo: what a clone holds."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, capture_output=True, check=True,
-    ).stdout.decode().split("\0")
-    for name in filter(None, listed):
-        if (REPO / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, dest / name)
-    env = project_env()
-    subprocess.run(["git", "init", "-q"], cwd=dest, check=True, env=env)
-    subprocess.run(["git", "add", "-A"], cwd=dest, check=True, env=env)
-    subprocess.run(["git", "commit", "-qm", "clone"], cwd=dest, check=True, env=env)
-    return dest
-
-
-def dvc(clone: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=clone, env=project_env(**env), capture_output=True, text=True
-    )
-    assert result.returncode == 0, f"dvc {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result
-
+from tests.conftest import copy_project, dvc
 
 @pytest.mark.slow
 def test_dvc_repro_on_real_data_reproduces_the_committed_results(tmp_path: Path, shared_mnist: Path) -> None:
@@ -71,7 +30,7 @@ def test_dvc_repro_on_real_data_reproduces_the_committed_results(tmp_path: Path,
 
     mlflow.set_tracking_uri(f"sqlite:///{clone / 'mlflow.db'}")
     experiment = mlflow.get_experiment_by_name("mnist")
-    assert experiment.artifact_location == (clone / "mlruns").as_uri()
+    assert experiment.artifact_location == (clone / "mlartifacts").as_uri()
     (run,) = mlflow.search_runs([experiment.experiment_id], output_format="list")
     assert run.info.status == "FINISHED"
     assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])

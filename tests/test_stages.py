@@ -75,7 +75,7 @@ def test_one_mlflow_run_holds_training_evaluation_and_figures(pipeline: Path) ->
     assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "figures")}
     assert artifacts == {"figures/predictions.png", "figures/misclassified.png", "figures/confusion_matrix.png"}
-    assert run.info.artifact_uri.startswith((pipeline / "mlruns").as_uri())
+    assert run.info.artifact_uri.startswith((pipeline / "mlartifacts").as_uri())
     model = mlflow.pyfunc.load_model(f"models:/mnist-cnn/1")
     images = np.zeros((3, 1, 28, 28), dtype=np.float32)
     assert model.predict(images).shape == (3, 10)

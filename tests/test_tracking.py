@@ -1,0 +1,110 @@
+"""MLflow bookkeeping with real processes: concurrent writers on one SQLite store, run end states, tags."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from mnist_pipeline import tracking
+from tests.conftest import REPO
+
+WRITER = textwrap.dedent("""
+    import mlflow
+    from mnist_pipeline import tracking
+    experiment = tracking.configure("mnist")
+    with tracking.tracked_run(experiment_id=experiment) as run:
+        tracking.retry_busy(mlflow.log_params, {"writer": "{name}"})
+        for step in range(150):
+            tracking.log_metrics_at(run.info.run_id, step, {"a": step, "b": 2 * step})
+""")
+
+
+def python(code: str, cwd: Path, **env: str) -> subprocess.Popen[str]:
+    environ = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    environ.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.Popen([sys.executable, "-c", code], cwd=cwd, env=environ, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def runs(root: Path) -> list[mlflow.entities.Run]:
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name("mnist")
+    return mlflow.search_runs([experiment.experiment_id], output_format="list")
+
+
+def test_two_processes_write_one_new_store_at_once(tmp_path: Path) -> None:
+    writers = [python(WRITER.replace("{name}", name), tmp_path, DVC_ROOT=str(tmp_path)) for name in "xy"]
+    for writer in writers:
+        output, _ = writer.communicate(timeout=300)
+        assert writer.returncode == 0, output
+    found = runs(tmp_path)
+    assert sorted(r.data.params["writer"] for r in found) == ["x", "y"]
+    client = mlflow.MlflowClient()
+    for run in found:
+        assert run.info.status == "FINISHED"
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "b")] == list(range(150))
+
+
+@pytest.mark.parametrize(("error", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
+def test_run_ends_failed_or_killed(workdir: Path, error: BaseException, status: str) -> None:
+    experiment = tracking.configure("mnist")
+    with pytest.raises(type(error)), tracking.tracked_run(experiment_id=experiment):
+        raise error
+    (run,) = runs(workdir)
+    assert run.info.status == status
+    assert mlflow.active_run() is None
+
+
+def test_sigterm_ends_the_run_as_killed(tmp_path: Path) -> None:
+    code = textwrap.dedent("""
+        import time
+        from mnist_pipeline import tracking
+        with tracking.tracked_run(experiment_id=tracking.configure("mnist")):
+            print("running", flush=True)
+            time.sleep(60)
+    """)
+    process = python(code, tmp_path, DVC_ROOT=str(tmp_path))
+    while (line := process.stdout.readline()) and line.strip() != "running":
+        pass  # MLflow's own log lines come first
+    assert line.strip() == "running"
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert process.returncode != 0
+    (run,) = runs(tmp_path)
+    assert run.info.status == "KILLED"
+
+
+def test_tags_tie_a_run_to_git_and_dvc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@localhost"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.chdir(tmp_path)
+    subprocess.run(["git", "init", "-q"], check=True)
+    Path("params.yaml").write_text("seed: 1\n")
+    subprocess.run(["git", "add", "params.yaml"], check=True)
+    subprocess.run(["git", "commit", "-qm", "x"], check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    monkeypatch.delenv("DVC_EXP_NAME", raising=False)
+    assert tracking.run_tags() == {"mlflow.source.git.commit": head, "git.dirty": "false"}
+
+    Path("params.yaml").write_text("seed: 2\n")
+    monkeypatch.setenv("DVC_EXP_NAME", "hasty-kite")
+    monkeypatch.setenv("DVC_EXP_BASELINE_REV", head)
+    tags = tracking.run_tags()
+    assert tags["git.dirty"] == "true"
+    assert tags["dvc.exp_name"] == "hasty-kite" and tags["dvc.exp_baseline_rev"] == head
+    assert "dvc exp apply hasty-kite" in tags["mlflow.note.content"]
+
+
+def test_flat_metrics_names() -> None:
+    report = {"test": {"accuracy": 0.99, "per_class_accuracy": {"0": 1.0}, "note": "text"}}
+    assert tracking.flat_metrics(report) == {"test_accuracy": 0.99, "test_per_class_accuracy_0": 1.0}
