@@ -1,0 +1,202 @@
+"""Comparing runs as DVC and MLflow users do, with the real commands on the real data (1-epoch training)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import yaml
+
+from mnist_pipeline.data import load_mnist
+from mnist_pipeline.training import to_tensor
+from tests.conftest import copy_project, dvc, free_port, get_json, project_env, serving
+
+pytestmark = pytest.mark.slow
+CHROMIUM = [
+    "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+    "--disable-background-networking", "--disable-component-update", "--virtual-time-budget=15000",
+]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, shared_mnist: Path) -> Path:
+    """A copy of the project whose baseline (training shrunk to one epoch) is reproduced and committed."""
+    root = copy_project(tmp_path_factory.mktemp("experiments") / "repo")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update(epochs=1, log_every=100)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    dvc(root, "repro", MNIST_MIRROR=str(shared_mnist))
+    env = project_env()
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", "baseline: one epoch"], cwd=root, check=True, env=env)
+    return root
+
+
+def exp_table(root: Path) -> dict[str, dict[str, str]]:
+    """`dvc exp show --csv` as {experiment name: row}; the baseline row is keyed by its branch."""
+    rows = csv.DictReader(io.StringIO(dvc(root, "exp", "show", "--csv").stdout))
+    return {row["Experiment"] or row["rev"]: row for row in rows}
+
+
+def mlflow_runs(root: Path) -> list[mlflow.entities.Run]:
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name("mnist")
+    return mlflow.search_runs([experiment.experiment_id], output_format="list")
+
+
+def test_exp_run_reruns_exactly_train_evaluate_plot(repo: Path) -> None:
+    out = dvc(repo, "exp", "run", "-n", "lr-0001", "-S", "train.lr=0.001").stdout
+    for stage in ("download", "split"):
+        assert f"Stage '{stage}' didn't change, skipping" in out
+    for stage in ("train", "evaluate", "plot"):
+        assert f"Running stage '{stage}'" in out
+
+    table = exp_table(repo)
+    row, baseline = table["lr-0001"], table["main"] if "main" in table else table["master"]
+    assert float(row["train.lr"]) == 0.001 and float(baseline["train.lr"]) == 0.01
+    for column in ("test.accuracy", "test.loss", "train.best_val_acc"):
+        assert 0 < float(row[column]) and 0 < float(baseline[column])
+
+    diff = json.loads(dvc(repo, "metrics", "diff", "--json").stdout)["reports/metrics.json"]["test.accuracy"]
+    assert diff["old"] == float(baseline["test.accuracy"]) and diff["new"] == float(row["test.accuracy"])
+    assert diff["diff"] == pytest.approx(diff["new"] - diff["old"])
+
+    (run,) = [r for r in mlflow_runs(repo) if r.data.tags.get("dvc.exp_name") == "lr-0001"]
+    assert run.info.run_name == "lr-0001"
+    assert run.data.params["train.lr"] == "0.001"
+    assert run.data.metrics["test_accuracy"] == float(row["test.accuracy"])
+    assert run.data.tags["dvc.exp_baseline_rev"] == run.data.tags["mlflow.source.git.commit"]
+
+
+def test_plots_show_and_diff_draw_in_chromium(repo: Path, tmp_path: Path) -> None:
+    for command in (["plots", "show"], ["plots", "diff", "HEAD"]):
+        out = tmp_path / command[1]
+        dvc(repo, *command, "-o", str(out))
+        dom = subprocess.run(
+            [*CHROMIUM, f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom", (out / "index.html").as_uri()],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout
+        # vega-embed replaces each plot's empty div with a canvas once the spec has been drawn.
+        drawn = dom.count('class="marks"')
+        assert drawn == 3, f"{command}: Vega drew {drawn} of 3 plots"
+        for name in ("predictions", "misclassified", "confusion_matrix"):
+            assert f"{name}.png" in dom
+        assert all((out / "static" / p).stat().st_size > 10_000 for p in (out / "static").iterdir())
+
+
+def test_queued_grid_and_temp_runs_land_in_the_root_store(repo: Path) -> None:
+    dvc(repo, "exp", "run", "--queue", "-S", "train.lr=0.0005,0.001,0.002")
+    dvc(repo, "queue", "start", "-j", "2")
+    deadline = time.monotonic() + 900
+    while any(word in dvc(repo, "queue", "status").stdout for word in ("Queued", "Running")):
+        assert time.monotonic() < deadline, dvc(repo, "queue", "status").stdout
+        time.sleep(5)
+    status = dvc(repo, "queue", "status").stdout
+    assert status.count("Success") == 3, status
+    dvc(repo, "exp", "run", "--temp", "-n", "temp-run", "-S", "train.lr=0.003")
+
+    table = exp_table(repo)
+    grid = {r["train.lr"]: r for r in table.values() if r["typ"] != "baseline" and r["Experiment"] != "lr-0001"}
+    assert sorted(grid) == ["0.0005", "0.001", "0.002", "0.003"]
+    assert all(float(r["test.accuracy"]) > 0.9 for r in grid.values())
+
+    # The copies in .dvc/tmp/exps are gone; the runs, their figures and models stay in the root store.
+    assert not list((repo / ".dvc/tmp/exps").glob("tmp*"))
+    runs = {r.data.tags.get("dvc.exp_name"): r for r in mlflow_runs(repo)}
+    client = mlflow.MlflowClient()
+    for name, row in table.items():
+        if row["typ"] == "baseline":
+            continue
+        run = runs[name]
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["test_accuracy"] == float(row["test.accuracy"])
+        assert run.info.artifact_uri.startswith((repo / "mlartifacts").as_uri())
+        figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
+        assert len(figures) == 3
+        local = Path(client.download_artifacts(run.info.run_id, figures[0], str(repo / "downloads" / name)))
+        assert local.read_bytes()[:4] == b"\x89PNG"
+    versions = client.search_model_versions("name = 'mnist-cnn'")
+    assert len(versions) == len(runs)  # one version per training run, baseline included
+    assert {v.tags.get("dvc.exp_name") for v in versions} == set(runs)
+
+
+def test_apply_and_branch_of_the_best_experiment_are_up_to_date(repo: Path) -> None:
+    table = exp_table(repo)
+    experiments = [r for r in table.values() if r["typ"] != "baseline"]
+    best = max(experiments, key=lambda r: float(r["test.accuracy"]))["Experiment"]
+    dvc(repo, "exp", "apply", best)
+    assert "Data and pipelines are up to date." in dvc(repo, "repro").stdout
+    applied = json.loads((repo / "reports/metrics.json").read_text())["test"]["accuracy"]
+    assert applied == float(table[best]["test.accuracy"])
+
+    env = project_env()
+    subprocess.run(["git", "reset", "-q", "--hard"], cwd=repo, check=True, env=env)
+    dvc(repo, "checkout")
+    dvc(repo, "exp", "branch", best, "best")
+    subprocess.run(["git", "checkout", "-q", "best"], cwd=repo, check=True, env=env)
+    dvc(repo, "checkout")
+    assert "Data and pipelines are up to date." in dvc(repo, "repro").stdout
+    subprocess.run(["git", "checkout", "-q", "-"], cwd=repo, check=True, env=env)
+    dvc(repo, "checkout")
+
+
+def test_mlflow_ui_shows_every_run(repo: Path, tmp_path: Path) -> None:
+    port = free_port()
+    # `mlflow ui` in the repo root with no flags but the port: the default store is the repo's.
+    with serving(["mlflow", "ui", "--port", str(port)], port, "/health", repo, project_env()) as base:
+        api = f"{base}/api/2.0/mlflow"
+        experiments = get_json(f"{api}/experiments/search", {"max_results": 100})["experiments"]
+        by_name = {e["name"]: e["experiment_id"] for e in experiments}
+        found = get_json(f"{api}/runs/search", {"experiment_ids": [by_name["mnist"]], "max_results": 100})["runs"]
+        assert len(found) == len(mlflow_runs(repo)) >= 6
+        for experiment_id in set(by_name.values()) - {by_name["mnist"]}:
+            assert not get_json(f"{api}/runs/search", {"experiment_ids": [experiment_id]}).get("runs")
+        for run in found:
+            run_id = run["info"]["run_id"]
+            params = {p["key"]: p["value"] for p in run["data"]["params"]}
+            metrics = {m["key"] for m in run["data"]["metrics"]}
+            assert {"seed", "train.lr", "split.val_fraction"} <= set(params)
+            assert {"val_acc", "train_loss", "test_accuracy", "test_svm_loss"} <= metrics
+            history = get_json(f"{api}/metrics/get-history?run_id={run_id}&metric_key=val_acc")["metrics"]
+            assert [m["step"] for m in history] == [100, 200, 300, 329]
+            files = get_json(f"{api}/artifacts/list?run_id={run_id}&path=figures")["files"]
+            assert len(files) == 3
+        versions = get_json(f"{api}/model-versions/search?filter=name%3D%27mnist-cnn%27")["model_versions"]
+        assert {v["run_id"] for v in versions} == {r["info"]["run_id"] for r in found}
+
+        dom = subprocess.run(
+            [*CHROMIUM, f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom", f"{base}/#/experiments"],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout
+        assert "mnist" in dom, dom[-2000:]
+
+
+def test_registered_model_predicts_and_serves_like_the_metrics(repo: Path, shared_mnist: Path) -> None:
+    shutil.rmtree(repo / "downloads", ignore_errors=True)
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    client = mlflow.MlflowClient()
+    version = max(client.search_model_versions("name = 'mnist-cnn'"), key=lambda v: int(v.version))
+    expected = client.get_run(version.run_id).data.metrics["test_accuracy"]
+    images, labels = load_mnist(repo / "data/raw", "t10k")
+    x = to_tensor(images).numpy()
+    model = mlflow.pyfunc.load_model(f"models:/mnist-cnn/{version.version}")
+    predicted = np.asarray(model.predict(x)).argmax(1)
+    assert (predicted == labels).mean() == pytest.approx(expected, abs=1e-9)
+
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/mnist-cnn/{version.version}",
+               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)]
+    env = project_env(MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}")
+    with serving(command, port, "/ping", repo, env) as base:
+        answer = get_json(f"{base}/invocations", {"inputs": x[:64].tolist()})
+    served = np.asarray(answer["predictions"]).argmax(1)
+    assert served.tolist() == predicted[:64].tolist()
