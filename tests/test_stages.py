@@ -14,6 +14,7 @@ from mnist_pipeline import sources, tracking
 from mnist_pipeline.data import MnistFile
 from mnist_pipeline.files import sha256_file
 from stages import download, evaluate, plot, split, train
+from tests.conftest import free_port, get_json, project_env, serving
 
 
 def run_stage(module, monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
@@ -21,10 +22,8 @@ def run_stage(module, monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
     module.main()
 
 
-@pytest.fixture
-def pipeline(workdir: Path, tiny_mnist: tuple[Path, tuple[MnistFile, ...]], monkeypatch: pytest.MonkeyPatch) -> Path:
-    """All five stages run in order on the tiny data; returns the working folder."""
-    folder, files = tiny_mnist
+def run_pipeline(folder: Path, files: tuple[MnistFile, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    """All five stages in order on the tiny data, in the current folder."""
     monkeypatch.setenv("MNIST_MIRROR", str(folder))
     monkeypatch.setattr(sources, "MNIST_FILES", files)
     run_stage(download, monkeypatch, "data/raw")
@@ -32,6 +31,12 @@ def pipeline(workdir: Path, tiny_mnist: tuple[Path, tuple[MnistFile, ...]], monk
     run_stage(train, monkeypatch, "data/raw", "data/split", "models/model.pt", "reports/train_log.csv", "reports/train.json")
     run_stage(evaluate, monkeypatch, "data/raw", "models/model.pt", "reports/metrics.json", "reports/predictions.csv")
     run_stage(plot, monkeypatch, "data/raw", "reports/predictions.csv", "models/model.pt", "reports/figures")
+
+
+@pytest.fixture
+def pipeline(workdir: Path, tiny_mnist: tuple[Path, tuple[MnistFile, ...]], monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The working folder after all five stages ran on the tiny data."""
+    run_pipeline(*tiny_mnist, monkeypatch)
     return workdir
 
 
@@ -79,3 +84,25 @@ def test_one_mlflow_run_holds_training_evaluation_and_figures(pipeline: Path) ->
     model = mlflow.pyfunc.load_model(f"models:/mnist-cnn/1")
     images = np.zeros((3, 1, 28, 28), dtype=np.float32)
     assert model.predict(images).shape == (3, 10)
+
+
+def test_tracking_uri_sends_everything_to_a_running_server(
+    workdir: Path, tiny_mnist: tuple[Path, tuple[MnistFile, ...]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+               "--artifacts-destination", str(tmp_path / "server-artifacts")]
+    with serving(command, port, "/health", tmp_path, project_env()) as base:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", base)
+        run_pipeline(*tiny_mnist, monkeypatch)
+        api = f"{base}/api/2.0/mlflow"
+        experiment = get_json(f"{api}/experiments/get-by-name?experiment_name=mnist")["experiment"]
+        (run,) = get_json(f"{api}/runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
+        metrics = {m["key"] for m in run["data"]["metrics"]}
+        assert {"val_acc", "test_accuracy"} <= metrics
+        files = get_json(f"{api}/artifacts/list?run_id={run['info']['run_id']}&path=figures")["files"]
+        assert len(files) == 3
+    # Nothing went to the local default store, and the artifacts went through the server.
+    assert not (workdir / "mlflow.db").exists() and not (workdir / "mlartifacts").exists()
+    assert len(list((tmp_path / "server-artifacts").rglob("*.png"))) == 3
