@@ -9,6 +9,8 @@ from typing import BinaryIO
 
 import numpy as np
 
+from mnist_pipeline.errors import PipelineError
+
 IMAGE_SIDE = 28
 NUM_CLASSES = 10
 _UBYTE = 0x08
@@ -33,7 +35,7 @@ MNIST_FILES = (
 )
 
 
-class IdxError(ValueError):
+class IdxError(PipelineError, ValueError):
     """A malformed IDX file; the message names the file and the byte offset."""
 
     def __init__(self, path: str | Path, offset: int, message: str) -> None:

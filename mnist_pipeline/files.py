@@ -10,6 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from mnist_pipeline.errors import PipelineError
+
 
 def partial_name(path: Path) -> str:
     """The prefix of temporary files and folders made for `path` (git-ignored as *.partial-*)."""
@@ -28,8 +30,10 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(file.fileno())
         os.chmod(tmp, 0o644)  # mkstemp makes files private; outputs are ordinary files.
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise PipelineError(f"cannot write {path}: {err.strerror or err}; it is left as it was") from err
         raise
 
 

@@ -12,10 +12,12 @@ from typing import Any, Literal
 
 import yaml
 
+from mnist_pipeline.errors import PipelineError
+
 PARAMS_FILE = "params.yaml"
 
 
-class ParamsError(ValueError):
+class ParamsError(PipelineError, ValueError):
     """A problem in params.yaml, naming the file and the key."""
 
     def __init__(self, path: str | Path, key: str, message: str) -> None:

@@ -22,7 +22,8 @@ from typing import BinaryIO
 
 from tqdm import tqdm
 
-from mnist_pipeline.data import MNIST_FILES, MnistFile, check_idx
+from mnist_pipeline.data import MNIST_FILES, IdxError, MnistFile, check_idx
+from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.files import make_partial_dir, replace_dir
 
 MIRROR_ENV = "MNIST_MIRROR"
@@ -35,7 +36,7 @@ _CHUNK = 1 << 20
 _FETCH_ERRORS = (OSError, EOFError, zlib.error, tarfile.TarError, ValueError)
 
 
-class SourceError(Exception):
+class SourceError(PipelineError):
     """A source could not deliver verified MNIST files."""
 
 
@@ -171,7 +172,7 @@ def _save_verified(stream: BinaryIO, dest: Path, file: MnistFile, origin: str) -
         raise SourceError(f"{origin}: {_describe(err)}") from None
     try:
         check_idx(target, file.ndim)
-    except ValueError as err:
+    except IdxError as err:
         with target.open("rb") as saved:
             looks_html = saved.read(512).lstrip().lower().startswith((b"<!doctype", b"<html"))
         hint = " (the server sent an HTML page, not the file)" if looks_html else ""

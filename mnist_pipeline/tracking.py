@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,6 +19,8 @@ import mlflow
 import yaml
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
+
+from mnist_pipeline.errors import PipelineError
 
 T = TypeVar("T")
 
@@ -55,6 +58,8 @@ def configure(experiment: str) -> str:
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
+        if uri.startswith(("http://", "https://")):
+            check_server(uri)
         mlflow.set_tracking_uri(uri)
         return _get_or_create_experiment(experiment, None)
     root = repo_root()
@@ -62,6 +67,18 @@ def configure(experiment: str) -> str:
     with (root / f"{STORE_FILE}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         return _get_or_create_experiment(experiment, (root / ARTIFACTS_DIR).as_uri())
+
+
+def check_server(uri: str, timeout: float = 10) -> None:
+    """Fail at once, with one clear line, if the tracking server does not answer (MLflow itself retries for minutes)."""
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            pass
+    except OSError as err:
+        raise PipelineError(
+            f"MLFLOW_TRACKING_URI={uri}: the MLflow server does not answer ({getattr(err, 'reason', err)}); "
+            "start it, or unset MLFLOW_TRACKING_URI to record in the repo's mlflow.db"
+        ) from None
 
 
 def _get_or_create_experiment(name: str, artifact_location: str | None) -> str:

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.params import TrainParams
 
 # Mean and standard deviation of the MNIST training pixels (scaled to [0, 1]).
@@ -51,7 +52,7 @@ def to_tensor(images: np.ndarray) -> torch.Tensor:
 def select_device(name: str) -> torch.device:
     """`auto` takes CUDA when present; `cuda` without a GPU is an error."""
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("params.yaml: train.device: 'cuda' asked for, but no CUDA device is available")
+        raise PipelineError("params.yaml: train.device: 'cuda' asked for, but no CUDA device is available")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
@@ -86,11 +87,12 @@ def predict(model: nn.Module, x: torch.Tensor, batch_size: int = EVAL_BATCH) -> 
 
 def make_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimizer:
     """Adam or SGD with Nesterov momentum, as params.yaml says."""
+    # Fused kernels update all parameters in one call: measurably faster for this many small tensors.
     if params.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay)
+        return torch.optim.Adam(model.parameters(), lr=params.lr, weight_decay=params.weight_decay, fused=True)
     return torch.optim.SGD(
         model.parameters(), lr=params.lr, momentum=params.momentum,
-        nesterov=params.momentum > 0, weight_decay=params.weight_decay,
+        nesterov=params.momentum > 0, weight_decay=params.weight_decay, fused=True,
     )
 
 
@@ -105,6 +107,8 @@ def train(
 ) -> TrainResult:
     """Train, reporting every `log_every` iterations and at the end; keep the best model by validation accuracy."""
     device = next(model.parameters()).device
+    # channels_last lets oneDNN skip layout conversions in the convolutions (about 20% faster on CPU).
+    model.to(memory_format=torch.channels_last)
     x, y = train_data[0].to(device), train_data[1].to(device)
     val_x, val_y = val_data
     generator = torch.Generator().manual_seed(seed)
@@ -127,7 +131,7 @@ def train(
             xb, yb = x[index], y[index]
             if params.shift:
                 xb = random_shift(xb, params.shift, generator)
-            logits = model(xb)
+            logits = model(xb.contiguous(memory_format=torch.channels_last))
             loss = F.cross_entropy(logits, yb)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -148,7 +152,7 @@ def train(
             improved = val_acc > best_acc
             if improved:
                 best_acc, best_iteration = val_acc, iteration
-                best_state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+                best_state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
             on_log(row, improved)
             window_loss.zero_()
             window_correct.zero_()
@@ -169,10 +173,13 @@ def load_state_dict(path: str, model: nn.Module) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
-        raise ValueError(f"{path}: not a model weights file ({type(err).__name__}: {err})") from None
+        # torch's message spans many lines and suggests weights_only=False; keep the line that says why.
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        why = next((line for line in lines if line.startswith("Unsupported")), lines[0])
+        raise PipelineError(f"{path}: not a model weights file, refused without loading it ({why})") from None
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
+        raise PipelineError(f"{path}: expected a state dict of tensors, got {type(state).__name__}")
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
-        raise ValueError(f"{path}: weights do not fit the seed's network: {err}") from None
+        raise PipelineError(f"{path}: weights do not fit the seed's network: {' '.join(str(err).split())}") from None

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
+from mnist_pipeline.errors import run_stage
 from mnist_pipeline.params import load_params
-from mnist_pipeline.sources import SourceError, default_sources, download_mnist
+from mnist_pipeline.sources import default_sources, download_mnist
 
 
 def main() -> None:
@@ -17,12 +17,9 @@ def main() -> None:
     args = parser.parse_args()
     params = load_params()
     start = time.perf_counter()
-    try:
-        source = download_mnist(args.out, default_sources(params.download.timeout_s))
-    except SourceError as err:
-        sys.exit(f"download: {err}")
+    source = download_mnist(args.out, default_sources(params.download.timeout_s))
     print(f"download: verified MNIST files from {source} in {args.out} ({time.perf_counter() - start:.1f} s)")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

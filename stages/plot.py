@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 
 from mnist_pipeline import tracking
 from mnist_pipeline.data import NUM_CLASSES, load_mnist
+from mnist_pipeline.errors import PipelineError, run_stage
 from mnist_pipeline.files import atomic_write_bytes, sha256_file
 from mnist_pipeline.params import flatten, load_params
 
@@ -20,9 +21,9 @@ def read_predictions(path: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Labels and predictions from evaluate's CSV, checked against the test set's size."""
     table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
     if table.shape != (n, 3) or not np.array_equal(table[:, 0], np.arange(n)):
-        raise ValueError(f"{path}: expected rows index,actual,predicted for {n} test images, got shape {table.shape}")
+        raise PipelineError(f"{path}: expected rows index,actual,predicted for {n} test images, got shape {table.shape}")
     if table[:, 1:].min() < 0 or table[:, 1:].max() >= NUM_CLASSES:
-        raise ValueError(f"{path}: labels and predictions must be 0-{NUM_CLASSES - 1}")
+        raise PipelineError(f"{path}: labels and predictions must be 0-{NUM_CLASSES - 1}")
     return table[:, 1], table[:, 2]
 
 
@@ -76,6 +77,7 @@ def main() -> None:
     parser.add_argument("out", type=Path, help="folder for the PNG figures")
     args = parser.parse_args()
     params = load_params()
+    experiment_id = tracking.configure(params.mlflow.experiment)  # fails fast if the store is unreachable
     images, _ = load_mnist(args.raw, "t10k")
     labels, predicted = read_predictions(args.predictions, len(images))
     n = params.plot.n_images
@@ -87,10 +89,9 @@ def main() -> None:
     save_png(confusion_figure(labels, predicted), args.out / "confusion_matrix.png")
     print(f"plot: 3 figures in {args.out}")
 
-    experiment_id = tracking.configure(params.mlflow.experiment)
     with tracking.model_run(experiment_id, sha256_file(args.model), flatten(params)):
         mlflow.log_artifacts(str(args.out), artifact_path="figures")
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

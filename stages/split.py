@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from mnist_pipeline.data import load_mnist
+from mnist_pipeline.errors import PipelineError, run_stage
 from mnist_pipeline.files import atomic_write_bytes
 from mnist_pipeline.params import load_params
 
@@ -17,7 +18,7 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     """A seeded permutation of range(n), cut into sorted train and validation indices."""
     n_val = round(n * val_fraction)
     if not 0 < n_val < n:
-        raise ValueError(f"split.val_fraction {val_fraction} of {n} images leaves an empty train or validation set")
+        raise PipelineError(f"params.yaml: split.val_fraction {val_fraction} of {n} images leaves an empty train or validation set")
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
@@ -43,4 +44,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from mnist_pipeline import tracking
 from mnist_pipeline.data import load_mnist
+from mnist_pipeline.errors import PipelineError, run_stage
 from mnist_pipeline.files import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from mnist_pipeline.model import Net
 from mnist_pipeline.params import flatten, load_params
@@ -28,9 +29,12 @@ PIP_REQUIREMENTS = [f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlfl
 def load_indices(split_dir: Path, name: str, n: int) -> torch.Tensor:
     """Indices from the split stage, checked to lie in range(n)."""
     path = split_dir / f"{name}.npy"
-    indices = np.load(path, allow_pickle=False)
+    try:
+        indices = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise PipelineError(f"{path}: cannot be read as a .npy array of indices ({err})") from None
     if indices.ndim != 1 or indices.dtype.kind not in "iu" or (indices.size and not 0 <= indices.min() <= indices.max() < n):
-        raise ValueError(f"{path}: expected 1-D integer indices in [0, {n}), got {indices.dtype} {indices.shape}")
+        raise PipelineError(f"{path}: expected 1-D integer indices in [0, {n}), got {indices.dtype} {indices.shape}")
     return torch.from_numpy(indices.astype(np.int64))
 
 
@@ -53,11 +57,11 @@ def main() -> None:
     p = params.train
     device = select_device(p.device)
     make_deterministic(params.seed, p.num_threads)
+    experiment_id = tracking.configure(params.mlflow.experiment)  # fails fast if the store is unreachable
     images, labels = load_mnist(args.raw, "train")
     train_idx = load_indices(args.split, "train", len(labels))
     val_idx = load_indices(args.split, "val", len(labels))
     x, y = to_tensor(images), torch.from_numpy(labels.astype(np.int64))
-    experiment_id = tracking.configure(params.mlflow.experiment)  # fails fast if the store is unreachable
     model = Net().to(device)
 
     tags = tracking.run_tags()
@@ -115,4 +119,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_stage(main)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -18,9 +20,12 @@ import yaml
 
 from mnist_pipeline.data import load_mnist
 from mnist_pipeline.training import to_tensor
-from tests.conftest import copy_project, dvc, free_port, get_json, project_env, serving
+from tests.conftest import REPO, copy_project, dvc, free_port, get_json, project_env, serving
 
 pytestmark = pytest.mark.slow
+# The real params with training shrunk to one epoch, reported every 100 iterations.
+BASELINE = yaml.safe_load((REPO / "params.yaml").read_text())
+BASELINE["train"].update(epochs=1, log_every=100)
 CHROMIUM = [
     "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
     "--disable-background-networking", "--disable-component-update", "--virtual-time-budget=15000",
@@ -31,14 +36,19 @@ CHROMIUM = [
 def repo(tmp_path_factory: pytest.TempPathFactory, shared_mnist: Path) -> Path:
     """A copy of the project whose baseline (training shrunk to one epoch) is reproduced and committed."""
     root = copy_project(tmp_path_factory.mktemp("experiments") / "repo")
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["train"].update(epochs=1, log_every=100)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (root / "params.yaml").write_text(yaml.safe_dump(BASELINE, sort_keys=False))
     dvc(root, "repro", MNIST_MIRROR=str(shared_mnist))
     env = project_env()
     subprocess.run(["git", "add", "-A"], cwd=root, check=True, env=env)
     subprocess.run(["git", "commit", "-qm", "baseline: one epoch"], cwd=root, check=True, env=env)
     return root
+
+
+def report_steps() -> list[int]:
+    """The iterations the shrunk training reports at: every log_every, and the last one."""
+    train = BASELINE["train"]
+    total = -(-42_000 // train["batch_size"]) * train["epochs"]
+    return [*range(train["log_every"], total, train["log_every"]), total]
 
 
 def exp_table(root: Path) -> dict[str, dict[str, str]]:
@@ -62,7 +72,7 @@ def test_exp_run_reruns_exactly_train_evaluate_plot(repo: Path) -> None:
 
     table = exp_table(repo)
     row, baseline = table["lr-0001"], table["main"] if "main" in table else table["master"]
-    assert float(row["train.lr"]) == 0.001 and float(baseline["train.lr"]) == 0.01
+    assert float(row["train.lr"]) == 0.001 and float(baseline["train.lr"]) == BASELINE["train"]["lr"]
     for column in ("test.accuracy", "test.loss", "train.best_val_acc"):
         assert 0 < float(row[column]) and 0 < float(baseline[column])
 
@@ -171,7 +181,7 @@ def test_mlflow_ui_shows_every_run(repo: Path, tmp_path: Path) -> None:
             assert {"seed", "train.lr", "split.val_fraction"} <= set(params)
             assert {"val_acc", "train_loss", "test_accuracy", "test_svm_loss"} <= metrics
             history = get_json(f"{api}/metrics/get-history?run_id={run_id}&metric_key=val_acc")["metrics"]
-            assert [m["step"] for m in history] == [100, 200, 300, 329]
+            assert [m["step"] for m in history] == report_steps()
             files = get_json(f"{api}/artifacts/list?run_id={run_id}&path=figures")["files"]
             assert len(files) == 3
         versions = get_json(f"{api}/model-versions/search?filter=name%3D%27mnist-cnn%27")["model_versions"]
@@ -204,3 +214,65 @@ def test_registered_model_predicts_and_serves_like_the_metrics(repo: Path, share
         answer = get_json(f"{base}/invocations", {"inputs": x[:64].tolist()})
     served = np.asarray(answer["predictions"]).argmax(1)
     assert served.tolist() == predicted[:64].tolist()
+
+
+def run_count(repo: Path) -> int:
+    return len(mlflow_runs(repo))
+
+
+def assert_clean(repo: Path) -> None:
+    """dvc.lock and the committed reports are byte for byte those of the baseline commit."""
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=repo, capture_output=True, text=True, check=True)
+    assert status.stdout == "", status.stdout
+
+
+def test_forced_repro_reproduces_every_byte(repo: Path) -> None:
+    assert_clean(repo)
+    before = run_count(repo)
+    out = dvc(repo, "repro", "--force").stdout
+    assert all(f"Running stage '{s}'" in out for s in ("download", "split", "train", "evaluate", "plot"))
+    assert_clean(repo)
+    assert run_count(repo) == before + 1
+
+
+def test_run_cache_restores_a_reverted_experiment_without_training(repo: Path) -> None:
+    changed = {**BASELINE, "train": {**BASELINE["train"], "lr": 0.004}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    dvc(repo, "repro")
+    before = run_count(repo)
+    subprocess.run(["git", "checkout", "params.yaml"], cwd=repo, check=True)
+    out = dvc(repo, "repro").stdout
+    for stage in ("train", "evaluate", "plot"):
+        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in out
+    assert_clean(repo)  # identical metrics, figures and lock
+    assert run_count(repo) == before  # nothing was trained
+
+
+def test_sigkill_during_training_then_repro_completes(repo: Path) -> None:
+    env = project_env(PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--force", "train"], cwd=repo, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    while (line := process.stdout.readline()) and "Iteration 100 statistics" not in line:
+        pass
+    assert line, "training never reported"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    model = repo / "models/model.pt"
+    # Never a partial model at the output path: DVC removed the old one, and ours is renamed in only when complete.
+    assert not model.exists()
+    out = dvc(repo, "repro").stdout
+    assert "Running stage 'train'" in out
+    assert_clean(repo)  # the same bytes as a run that was never stopped
+
+
+def test_bad_params_through_dvc_repro_change_nothing(repo: Path) -> None:
+    params = (repo / "params.yaml").read_text()
+    bad = {**BASELINE, "train": {**BASELINE["train"], "lr": "fast"}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(bad, sort_keys=False))
+    result = subprocess.run([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=project_env(),
+                            capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "error: params.yaml: train.lr: must be a number, got 'fast' (str)" in result.stderr
+    (repo / "params.yaml").write_text(params)
+    assert_clean(repo)
+    assert "Data and pipelines are up to date." in dvc(repo, "repro").stdout

@@ -1,0 +1,236 @@
+"""Benchmark: the project's training loop against the seed's, time to 99% accuracy, start-up and tracking costs.
+
+Run from the repo root after `dvc repro` (it reads data/raw and data/split):
+
+    python -m benchmarks.bench
+
+Everything runs in this one process on the same data, and speeds are printed as ratios against a
+baseline measured here and now, so the numbers compare like with like on whatever machine runs it.
+It prints a table and writes the same numbers to reports/benchmark.json. No test asserts a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DataLoader, Subset
+
+from mnist_pipeline import tracking
+from mnist_pipeline.data import load_mnist
+from mnist_pipeline.files import atomic_write_json
+from mnist_pipeline.model import Net
+from mnist_pipeline.params import Params, load_params
+from mnist_pipeline.training import LogRow, make_deterministic, predict, to_tensor, train
+
+STAGES = ("download", "split", "train", "evaluate", "plot")
+
+
+def seed_style_throughput(raw: Path, samples: int, threads: int) -> float:
+    """Samples per second of the notebook's loop: torchvision's MNIST with ToTensor, a DataLoader, batch 16."""
+    with tempfile.TemporaryDirectory() as root:
+        (Path(root) / "MNIST" / "raw").mkdir(parents=True)
+        for path in raw.iterdir():
+            (Path(root) / "MNIST" / "raw" / path.name).symlink_to(path.resolve())
+        dataset = torchvision.datasets.MNIST(root, train=True, transform=torchvision.transforms.ToTensor())
+        loader = DataLoader(Subset(dataset, range(samples)), batch_size=16, shuffle=True,
+                            generator=torch.Generator().manual_seed(0))
+        torch.manual_seed(0)
+        torch.set_num_threads(threads)
+        model = Net()
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        start = time.perf_counter()
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        return samples / (time.perf_counter() - start)
+
+
+def project_throughput(x: torch.Tensor, y: torch.Tensor, params: Params, samples: int) -> float:
+    """Samples per second of the project's loop with the default recipe, over the same number of samples."""
+    recipe = dataclasses.replace(params.train, epochs=1, log_every=10**9)
+    make_deterministic(params.seed, recipe.num_threads)
+    start = time.perf_counter()
+    train(Net(), (x[:samples], y[:samples]), (x[:10], y[:10]), recipe, params.seed)
+    return samples / (time.perf_counter() - start)
+
+
+def time_to_accuracy(data: dict[str, tuple[torch.Tensor, torch.Tensor]], params: Params, target: float) -> dict:
+    """Train the default recipe; at each report, note the training seconds so far and the test accuracy."""
+    make_deterministic(params.seed, params.train.num_threads)
+    model = Net()
+    test_x, test_y = data["test"]
+    marks: list[dict] = []
+    start = time.perf_counter()
+    paused = 0.0  # time spent on this benchmark's own test evaluations, not part of training
+
+    def on_log(row: LogRow, improved: bool) -> None:
+        nonlocal paused
+        began = time.perf_counter()
+        test_acc = float((predict(model, test_x).argmax(1) == test_y).double().mean())
+        marks.append({"iteration": row.iteration, "seconds": round(began - start - paused, 2),
+                      "val_acc": row.val_acc, "test_acc": test_acc})
+        paused += time.perf_counter() - began
+
+    result = train(model, data["train"], data["val"], params.train, params.seed, on_log=on_log)
+    seconds = time.perf_counter() - start - paused
+    model.load_state_dict(result.best_state)
+    final = float((predict(model, test_x).argmax(1) == test_y).double().mean())
+
+    def first(key: str) -> float | None:
+        return next((m["seconds"] for m in marks if m[key] >= target), None)
+
+    return {"train_seconds": round(seconds, 2), "val_reaches_target_s": first("val_acc"),
+            "test_reaches_target_s": first("test_acc"), "final_test_acc": final, "marks": marks}
+
+
+def tracking_overhead(data: dict[str, tuple[torch.Tensor, torch.Tensor]], params: Params, repeats: int) -> dict:
+    """Training time with MLflow tracking (a run, its params, batched metrics) over the time without, alternated."""
+    recipe = dataclasses.replace(params.train, epochs=2)
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    with tempfile.TemporaryDirectory() as root:
+        os.environ["DVC_ROOT"] = root
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+        experiment = tracking.configure("benchmark")
+        for _ in range(repeats):
+            for mode in ("off", "on"):
+                make_deterministic(params.seed, recipe.num_threads)
+                model = Net()
+                start = time.perf_counter()
+                if mode == "off":
+                    train(model, data["train"], data["val"], recipe, params.seed)
+                else:
+                    with tracking.tracked_run(experiment_id=experiment) as run:
+                        mlflow.log_params(dataclasses.asdict(recipe))
+
+                        def log(row: LogRow, improved: bool, run_id: str = run.info.run_id) -> None:
+                            tracking.log_metrics_at(run_id, row.iteration, {
+                                "train_acc": row.train_acc, "train_loss": row.train_loss, "val_acc": row.val_acc})
+
+                        train(model, data["train"], data["val"], recipe, params.seed, on_log=log)
+                times[mode].append(time.perf_counter() - start)
+        mlflow.set_tracking_uri(None)
+    off, on = min(times["off"]), min(times["on"])
+    return {"untracked_s": round(off, 2), "tracked_s": round(on, 2), "ratio": round(on / off, 4)}
+
+
+def evaluation_seconds(data: dict[str, tuple[torch.Tensor, torch.Tensor]], params: Params) -> float:
+    """Seconds to score the 10,000 test images, best of three."""
+    model = Net()
+    runs = []
+    for _ in range(3):
+        start = time.perf_counter()
+        predict(model, data["test"][0], params.evaluate.batch_size)
+        runs.append(time.perf_counter() - start)
+    return round(min(runs), 3)
+
+
+def startup_seconds() -> dict[str, float]:
+    """Seconds each stage takes to start (imports and argument parsing, via --help), best of two."""
+    result = {}
+    for stage in STAGES:
+        runs = []
+        for _ in range(2):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", f"stages.{stage}", "--help"], check=True, capture_output=True)
+            runs.append(time.perf_counter() - start)
+        result[stage] = round(min(runs), 2)
+    return result
+
+
+def noop_repro_seconds() -> float | None:
+    """Wall time of `dvc repro` when nothing changed; None if the pipeline is not up to date here."""
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], capture_output=True, text=True)
+    if "up to date" not in status.stdout:
+        return None
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "dvc", "repro"], check=True, capture_output=True)
+    return round(time.perf_counter() - start, 2)
+
+
+def gpu_epoch_seconds(data: dict[str, tuple[torch.Tensor, torch.Tensor]], params: Params) -> float | None:
+    """One epoch of the default recipe on CUDA, if there is a GPU."""
+    if not torch.cuda.is_available():
+        return None
+    recipe = dataclasses.replace(params.train, epochs=1)
+    make_deterministic(params.seed, recipe.num_threads)
+    model = Net().cuda()
+    start = time.perf_counter()
+    train(model, data["train"], data["val"], recipe, params.seed)
+    torch.cuda.synchronize()
+    return round(time.perf_counter() - start, 2)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=16_000, help="samples for the loop-against-loop ratio")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating repeats of the tracking comparison")
+    parser.add_argument("--out", type=Path, default=Path("reports/benchmark.json"))
+    args = parser.parse_args()
+    params = load_params()
+    raw = Path("data/raw")
+    images, labels = load_mnist(raw, "train")
+    test_images, test_labels = load_mnist(raw, "t10k")
+    x, y = to_tensor(images), torch.from_numpy(labels.astype(np.int64))
+    train_idx = torch.from_numpy(np.load("data/split/train.npy"))
+    val_idx = torch.from_numpy(np.load("data/split/val.npy"))
+    data = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]),
+            "test": (to_tensor(test_images), torch.from_numpy(test_labels.astype(np.int64)))}
+
+    seed_rate = seed_style_throughput(raw, args.samples, params.train.num_threads)
+    ours_rate = project_throughput(*data["train"], params, args.samples)
+    report = {
+        "throughput": {"samples": args.samples, "seed_style_per_s": round(seed_rate),
+                       "project_per_s": round(ours_rate), "ratio": round(ours_rate / seed_rate, 2)},
+        "default_recipe": time_to_accuracy(data, params, 0.99),
+        "tracking": tracking_overhead(data, params, args.repeats),
+        "evaluate_10k_s": evaluation_seconds(data, params),
+        "startup_s": startup_seconds(),
+        "noop_dvc_repro_s": noop_repro_seconds(),
+        "gpu_epoch_s": gpu_epoch_seconds(data, params),
+        "threads": params.train.num_threads,
+        "torch": torch.__version__,
+    }
+    atomic_write_json(args.out, report)
+    print_table(report)
+
+
+def print_table(report: dict) -> None:
+    """The numbers a person reads, one per line."""
+    t, r, k = report["throughput"], report["default_recipe"], report["tracking"]
+    rows = [
+        ("seed-style loop (batch 16, DataLoader)", f"{t['seed_style_per_s']} samples/s"),
+        ("project loop (default recipe)", f"{t['project_per_s']} samples/s"),
+        ("throughput ratio, project / seed-style", f"{t['ratio']}x"),
+        ("default recipe: training time", f"{r['train_seconds']} s"),
+        ("  validation accuracy first >= 99.0%", f"{r['val_reaches_target_s']} s"),
+        ("  test accuracy first >= 99.0%", f"{r['test_reaches_target_s']} s"),
+        ("  final test accuracy (best model)", f"{100 * r['final_test_acc']:.2f}%"),
+        ("tracking overhead, tracked / untracked", f"{k['ratio']} ({k['tracked_s']} s / {k['untracked_s']} s)"),
+        ("evaluate 10,000 test images", f"{report['evaluate_10k_s']} s"),
+        *((f"start-up of stage {s}", f"{v} s") for s, v in report["startup_s"].items()),
+        ("no-op `dvc repro`", "n/a (not up to date)" if report["noop_dvc_repro_s"] is None
+         else f"{report['noop_dvc_repro_s']} s"),
+        ("GPU epoch", "n/a (no CUDA device)" if report["gpu_epoch_s"] is None else f"{report['gpu_epoch_s']} s"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    main()

