@@ -52,7 +52,8 @@ def parse_header(head: bytes, path: str | Path, expected_ndim: int) -> tuple[int
     if zero != 0 or dtype != _UBYTE or ndim != expected_ndim:
         expected = (_UBYTE << 8) | expected_ndim
         raise IdxError(
-            path, 0, f"wrong magic number 0x{head[:4].hex()}: expected 0x{expected:08x} (unsigned bytes, {expected_ndim}-D)"
+            path, 0,
+            f"wrong magic number 0x{head[:4].hex()}: expected 0x{expected:08x} (unsigned bytes, {expected_ndim}-D)",
         )
     end = 4 + 4 * ndim
     if len(head) < end:

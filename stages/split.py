@@ -18,7 +18,9 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     """A seeded permutation of range(n), cut into sorted train and validation indices."""
     n_val = round(n * val_fraction)
     if not 0 < n_val < n:
-        raise PipelineError(f"params.yaml: split.val_fraction {val_fraction} of {n} images leaves an empty train or validation set")
+        raise PipelineError(
+            f"params.yaml: split.val_fraction {val_fraction} of {n} images leaves an empty train or validation set"
+        )
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 

@@ -33,7 +33,8 @@ def load_indices(split_dir: Path, name: str, n: int) -> torch.Tensor:
         indices = np.load(path, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise PipelineError(f"{path}: cannot be read as a .npy array of indices ({err})") from None
-    if indices.ndim != 1 or indices.dtype.kind not in "iu" or (indices.size and not 0 <= indices.min() <= indices.max() < n):
+    in_range = indices.size == 0 or 0 <= indices.min() <= indices.max() < n
+    if indices.ndim != 1 or indices.dtype.kind not in "iu" or not in_range:
         raise PipelineError(f"{path}: expected 1-D integer indices in [0, {n}), got {indices.dtype} {indices.shape}")
     return torch.from_numpy(indices.astype(np.int64))
 

