@@ -260,7 +260,8 @@ def test_sigkill_during_training_then_repro_completes(repo: Path) -> None:
     model = repo / "models/model.pt"
     # Never a partial model at the output path: DVC removed the old one, and ours is renamed in only when complete.
     assert not model.exists()
-    out = dvc(repo, "repro").stdout
+    # --no-run-cache: train again for real rather than restore the earlier run's outputs.
+    out = dvc(repo, "repro", "--no-run-cache").stdout
     assert "Running stage 'train'" in out
     assert_clean(repo)  # the same bytes as a run that was never stopped
 
