@@ -19,7 +19,7 @@ from mnist_pipeline.params import TrainParams
 # Mean and standard deviation of the MNIST training pixels (scaled to [0, 1]).
 PIXEL_MEAN, PIXEL_STD = 0.1307, 0.3081
 BACKGROUND = -PIXEL_MEAN / PIXEL_STD  # a black pixel after normalization
-EVAL_BATCH = 2000
+EVAL_BATCH = 500  # measured: small batches stay in cache; 2,000 was twice as slow on 2 cores
 
 
 @dataclass(frozen=True)
