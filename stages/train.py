@@ -100,7 +100,7 @@ def main() -> None:
             "best_val_acc": round(result.best_val_acc, 6), "best_iteration": result.best_iteration,
         }})
         model.load_state_dict(result.best_state)
-        model.cpu().eval()
+        model.cpu().to(memory_format=torch.contiguous_format).eval()  # export plain-layout weights
         example = x[val_idx[:2]].numpy()
         signature = ModelSignature(
             inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),
