@@ -69,33 +69,47 @@ def project_throughput(x: torch.Tensor, y: torch.Tensor, params: Params, samples
     return samples / (time.perf_counter() - start)
 
 
-def time_to_accuracy(data: dict[str, tuple[torch.Tensor, torch.Tensor]], params: Params, target: float) -> dict:
-    """Train the default recipe; at each report, note the training seconds so far and the test accuracy."""
+def time_to_accuracy(data: dict[str, tuple[torch.Tensor, torch.Tensor]], params: Params, target: float,
+                     probe_every: int) -> dict:
+    """Train the default recipe, probing validation and test accuracy every `probe_every` iterations.
+
+    The clock stops during the probes, and they change nothing in the training (this network has no
+    dropout or batch norm, and the probes draw no random numbers), so the times are those of the
+    recipe itself, at a finer grain than its reports every `log_every` iterations.
+    """
     make_deterministic(params.seed, params.train.num_threads)
     model = Net()
-    test_x, test_y = data["test"]
+    (val_x, val_y), (test_x, test_y) = data["val"], data["test"]
     marks: list[dict] = []
     start = time.perf_counter()
-    paused = 0.0  # time spent on this benchmark's own test evaluations, not part of training
+    paused = 0.0
+    iteration = 0
 
-    def on_log(row: LogRow, improved: bool) -> None:
-        nonlocal paused
+    def accuracy(x: torch.Tensor, y: torch.Tensor) -> float:
+        return float((predict(model, x).argmax(1) == y).double().mean())
+
+    def on_step() -> None:
+        nonlocal paused, iteration
+        iteration += 1
+        if iteration % probe_every:
+            return
         began = time.perf_counter()
-        test_acc = float((predict(model, test_x).argmax(1) == test_y).double().mean())
-        marks.append({"iteration": row.iteration, "seconds": round(began - start - paused, 2),
-                      "val_acc": row.val_acc, "test_acc": test_acc})
+        marks.append({"iteration": iteration, "seconds": round(began - start - paused, 2),
+                      "val_acc": accuracy(val_x, val_y), "test_acc": accuracy(test_x, test_y)})
+        model.train()
         paused += time.perf_counter() - began
 
-    result = train(model, data["train"], data["val"], params.train, params.seed, on_log=on_log)
+    result = train(model, data["train"], data["val"], params.train, params.seed, on_step=on_step)
     seconds = time.perf_counter() - start - paused
     model.load_state_dict(result.best_state)
-    final = float((predict(model, test_x).argmax(1) == test_y).double().mean())
+    final = accuracy(test_x, test_y)
 
     def first(key: str) -> float | None:
         return next((m["seconds"] for m in marks if m[key] >= target), None)
 
-    return {"train_seconds": round(seconds, 2), "val_reaches_target_s": first("val_acc"),
-            "test_reaches_target_s": first("test_acc"), "final_test_acc": final, "marks": marks}
+    return {"train_seconds": round(seconds, 2), "probe_every": probe_every,
+            "val_reaches_target_s": first("val_acc"), "test_reaches_target_s": first("test_acc"),
+            "final_test_acc": final, "marks": marks}
 
 
 def tracking_overhead(data: dict[str, tuple[torch.Tensor, torch.Tensor]], params: Params, repeats: int) -> dict:
@@ -194,6 +208,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=16_000, help="samples for the loop-against-loop ratio")
     parser.add_argument("--repeats", type=int, default=3, help="alternating repeats of the tracking comparison")
+    parser.add_argument("--probe-every", type=int, default=100, help="iterations between accuracy probes")
     parser.add_argument("--out", type=Path, default=Path("reports/benchmark.json"))
     args = parser.parse_args()
     params = load_params()
@@ -211,7 +226,7 @@ def main() -> None:
     report = {
         "throughput": {"samples": args.samples, "seed_style_per_s": round(seed_rate),
                        "project_per_s": round(ours_rate), "ratio": round(ours_rate / seed_rate, 2)},
-        "default_recipe": time_to_accuracy(data, params, 0.99),
+        "default_recipe": time_to_accuracy(data, params, 0.99, args.probe_every),
         "tracking": tracking_overhead(data, params, args.repeats),
         "evaluate_10k_s": evaluation_seconds(data, params),
         "startup_s": startup_seconds(),
@@ -232,7 +247,7 @@ def print_table(report: dict) -> None:
         ("project loop (default recipe)", f"{t['project_per_s']} samples/s"),
         ("throughput ratio, project / seed-style", f"{t['ratio']}x"),
         ("default recipe: training time", f"{r['train_seconds']} s"),
-        ("  validation accuracy first >= 99.0%", f"{r['val_reaches_target_s']} s"),
+        (f"  validation accuracy first >= 99.0% (probed every {r['probe_every']} it)", f"{r['val_reaches_target_s']} s"),
         ("  test accuracy first >= 99.0%", f"{r['test_reaches_target_s']} s"),
         ("  final test accuracy (best model)", f"{100 * r['final_test_acc']:.2f}%"),
         ("tracking overhead, tracked / untracked", f"{k['ratio']} ({k['tracked_s']} s / {k['untracked_s']} s)"),
