@@ -14,7 +14,7 @@ import mlflow
 import pytest
 
 from mnist_pipeline import tracking
-from tests.conftest import REPO
+from tests.conftest import GIT_IDENTITY, REPO
 
 WRITER = textwrap.dedent("""
     import mlflow
@@ -83,9 +83,7 @@ def test_sigterm_ends_the_run_as_killed(tmp_path: Path) -> None:
 
 
 def test_tags_tie_a_run_to_git_and_dvc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@localhost", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@localhost"}
-    for key, value in env.items():
+    for key, value in GIT_IDENTITY.items():
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
     subprocess.run(["git", "init", "-q"], check=True)
