@@ -142,8 +142,7 @@ def tracking_overhead(data: dict[str, tuple[torch.Tensor, torch.Tensor]], params
                     def log(row: LogRow, improved: bool, run_id: str = run.info.run_id) -> None:
                         nonlocal spent
                         began = time.perf_counter()
-                        tracking.log_metrics_at(run_id, row.iteration, {
-                            "train_acc": row.train_acc, "train_loss": row.train_loss, "val_acc": row.val_acc})
+                        tracking.log_metrics_at(run_id, row.iteration, row.metrics())
                         spent += time.perf_counter() - began
 
                     train(model, data["train"], data["val"], recipe, params.seed, on_log=log)

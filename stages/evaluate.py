@@ -69,7 +69,7 @@ def main() -> None:
           f"hand-written cross-entropy {metrics['cross_entropy_manual']:.6f}, SVM loss {metrics['svm_loss']:.4f}")
 
     with tracking.model_run(experiment_id, sha256_file(args.model), flatten(params)):
-        mlflow.log_metrics(tracking.flat_metrics({"test": metrics}))
+        tracking.retry_busy(mlflow.log_metrics, tracking.flat_metrics({"test": metrics}))
         mlflow.log_artifact(str(args.metrics))
 
 

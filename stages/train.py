@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from tqdm import tqdm
 from mnist_pipeline import tracking
 from mnist_pipeline.data import load_mnist
 from mnist_pipeline.errors import PipelineError, run_stage
-from mnist_pipeline.files import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from mnist_pipeline.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from mnist_pipeline.model import Net
 from mnist_pipeline.params import flatten, load_params
 from mnist_pipeline.training import (
@@ -78,10 +79,7 @@ def main() -> None:
                 f"Train acc: {100 * row.train_acc:.3f}\nTrain loss: {row.train_loss:.5f}\n"
                 f"Val acc: {100 * row.val_acc:.3f}\n"
             )
-            tracking.log_metrics_at(
-                run.info.run_id, row.iteration,
-                {"train_acc": row.train_acc, "train_loss": row.train_loss, "val_acc": row.val_acc},
-            )
+            tracking.log_metrics_at(run.info.run_id, row.iteration, row.metrics())
 
         start = time.perf_counter()
         result = train(
@@ -107,7 +105,7 @@ def main() -> None:
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
         )
         tracking.retry_busy(mlflow.log_metrics, {"best_val_acc": result.best_val_acc, "train_seconds": seconds})
-        tracking.retry_busy(mlflow.set_tag, tracking.MODEL_TAG, sha256_file(args.model))
+        tracking.retry_busy(mlflow.set_tag, tracking.MODEL_TAG, hashlib.sha256(weights).hexdigest())
         info = tracking.retry_busy(
             mlflow.pytorch.log_model, model, name="model", signature=signature, input_example=example,
             serialization_format="pt2", pip_requirements=PIP_REQUIREMENTS,
