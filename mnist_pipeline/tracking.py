@@ -1,39 +1,37 @@
-"""MLflow bookkeeping: the store `mlflow ui` opens in the repo root, runs tied to git and DVC, found by model hash."""
+"""MLflow bookkeeping: one run per DVC result, named after its DVC experiment, tied to git; store errors in one line."""
 
 from __future__ import annotations
 
 import fcntl
-import hashlib
-import json
 import os
 import signal
 import subprocess
 import time
-import urllib.request
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeVar
 
 import mlflow
-import yaml
-from mlflow.entities import Metric
+import requests
+from mlflow.entities import LoggedModelStatus, Metric
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
+from sqlalchemy.exc import SQLAlchemyError
 
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.store import Store, StoreError
 
 T = TypeVar("T")
 
-# The tag that ties a run to the model file it trained, so evaluate and plot find it without any state file.
-MODEL_TAG = "model_sha256"
-STORE_FILE = "mlflow.db"
-ARTIFACTS_DIR = "mlartifacts"
 BUSY_RETRIES = 8
-
-
-def repo_root() -> Path:
-    """The main repo's root: DVC sets DVC_ROOT there, even for `--temp` and queued experiments."""
-    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+# The tag that ties a run and a registered model version to the exact model file (SHA-256 of its bytes).
+MODEL_TAG = "model_sha256"
+# Tells `mlflow ui` to open the experiment on its training runs rather than on a GenAI traces overview.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+WORKSPACE_RUN_NAME = "workspace"
+# What a store can raise when it is broken, full or unreachable.
+STORE_ERRORS = (MlflowException, SQLAlchemyError, OSError, requests.RequestException)
 
 
 def retry_busy(call: Callable[..., T], *args: object, **kwargs: object) -> T:
@@ -48,71 +46,91 @@ def retry_busy(call: Callable[..., T], *args: object, **kwargs: object) -> T:
     raise AssertionError("unreachable")
 
 
-def configure(experiment: str) -> str:
-    """Point MLflow at the store and return the experiment's id, creating store and experiment if needed.
-
-    The default is the store `mlflow ui` opens in the repo root (sqlite:///mlflow.db), with the
-    experiment's artifacts under mlartifacts/, as absolute paths so that experiments running in copies
-    of the repo still land there. A file lock serializes creating them, so parallel queued runs don't
-    race. MLFLOW_TRACKING_URI overrides all this.
-    """
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        if uri.startswith(("http://", "https://")):
-            check_server(uri)
-        mlflow.set_tracking_uri(uri)
-        return _get_or_create_experiment(experiment, None)
-    root = repo_root()
-    mlflow.set_tracking_uri(f"sqlite:///{root / STORE_FILE}")
-    with (root / f"{STORE_FILE}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        return _get_or_create_experiment(experiment, (root / ARTIFACTS_DIR).as_uri())
-
-
-def check_server(uri: str, timeout: float = 10) -> None:
-    """Fail at once, with one clear line, if the tracking server does not answer (MLflow itself retries for minutes)."""
+@contextmanager
+def store_errors(store: Store, retry: str) -> Iterator[None]:
+    """Turn a store failure (SQLAlchemy's or MLflow's tracebacks run to hundreds of lines) into one line."""
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
-            pass
-    except OSError as err:
-        raise PipelineError(
-            f"MLFLOW_TRACKING_URI={uri}: the MLflow server does not answer ({getattr(err, 'reason', err)}); "
-            "start it, or unset MLFLOW_TRACKING_URI to record in the repo's mlflow.db"
-        ) from None
+        yield
+    except STORE_ERRORS as err:
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        raise StoreError(f"MLflow store {store.uri}: {lines[0][:300]}; {retry}") from None
+
+
+def configure(store: Store, experiment: str) -> str:
+    """Point MLflow at the store and return the experiment's id, creating it if needed.
+
+    A local store's experiment keeps its artifacts in an absolute folder beside the database, so runs made
+    in DVC's temporary copies of the repo land there too. A file lock serializes creating the store and the
+    experiment: several processes creating a fresh SQLite store at once fail.
+    """
+    mlflow.set_tracking_uri(store.uri)
+    if store.database is None:
+        return _get_or_create_experiment(experiment, None)
+    with store.database.with_name(f"{store.database.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        experiment_id = _get_or_create_experiment(experiment, store.artifacts.as_uri())
+    location = retry_busy(mlflow.get_experiment, experiment_id).artifact_location
+    parts = urllib.parse.urlsplit(location)
+    if parts.scheme in ("", "file") and not Path(parts.path).is_absolute():
+        raise StoreError(
+            f"MLflow store {store.uri}: experiment {experiment!r} keeps artifacts at {location!r}, relative to the "
+            "working folder, which DVC deletes after a --temp or queued run; rename that experiment or set "
+            "mlflow.experiment in params.yaml to a new name"
+        )
+    return experiment_id
 
 
 def _get_or_create_experiment(name: str, artifact_location: str | None) -> str:
     found = retry_busy(mlflow.get_experiment_by_name, name)
-    if found is not None:
-        return found.experiment_id
-    try:
-        return retry_busy(mlflow.create_experiment, name, artifact_location=artifact_location)
-    except MlflowException:
-        # Another process (on a remote server, say) created it between our lookup and our create.
-        found = mlflow.get_experiment_by_name(name)
-        if found is None:
-            raise
-        return found.experiment_id
+    if found is None:
+        try:
+            return retry_busy(mlflow.create_experiment, name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
+        except MlflowException:
+            # Another process (on a shared server, say) created it between our lookup and our create.
+            found = mlflow.get_experiment_by_name(name)
+            if found is None:
+                raise
+    if "mlflow.experimentKind" not in found.tags:
+        retry_busy(mlflow.MlflowClient().set_experiment_tag, found.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+    return found.experiment_id
 
 
 def _git(*args: str) -> str | None:
     result = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
-    return result.stdout.strip() if result.returncode == 0 else None
+    return result.stdout if result.returncode == 0 else None
 
 
-def run_tags() -> dict[str, str]:
-    """Tags tying a run to its git commit, whether the workspace was dirty, and the DVC experiment."""
+def git_dirty(outputs: list[Path]) -> bool:
+    """Whether tracked files differ from the commit, leaving out the pipeline's own outputs and dvc.lock.
+
+    DVC deletes a stage's outputs before running it and rewrites dvc.lock as stages finish: they differ
+    from the commit during any `dvc repro`, and say nothing about the code and params that made the result.
+    """
+    listing = _git("status", "--porcelain", "-z", "--untracked-files=no") or ""
+    own = [path.as_posix().rstrip("/") for path in [*outputs, Path("dvc.lock")]]
+    changed = [entry[3:] for entry in listing.split("\0") if len(entry) > 3]
+    return any(not any(name == out or name.startswith(f"{out}/") for out in own) for name in changed)
+
+
+def run_tags(outputs: list[Path]) -> dict[str, str]:
+    """Tags tying a run to its git commit, to whether code or params differ from it, and to the DVC experiment."""
     tags = {}
-    commit = _git("rev-parse", "HEAD")
+    commit = (_git("rev-parse", "HEAD") or "").strip()
     if commit:
         tags["mlflow.source.git.commit"] = commit
-        tags["git.dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
+        tags["git.dirty"] = str(git_dirty(outputs)).lower()
     name = os.environ.get("DVC_EXP_NAME")
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV")
     if name:
         tags["dvc.exp_name"] = name
-        tags["mlflow.note.content"] = f"DVC experiment `{name}`: `dvc exp apply {name}` restores its workspace."
-    if os.environ.get("DVC_EXP_BASELINE_REV"):
-        tags["dvc.exp_baseline_rev"] = os.environ["DVC_EXP_BASELINE_REV"]
+        tags["mlflow.note.content"] = (
+            f"DVC experiment `{name}`: `dvc exp apply {name}` brings it back into the workspace "
+            "(while `dvc exp list` lists it)."
+        )
+    else:
+        tags["mlflow.note.content"] = f"`dvc repro` in the workspace at commit `{commit[:7] or 'none'}`."
+    if baseline:
+        tags["dvc.exp_baseline_rev"] = baseline
     return tags
 
 
@@ -128,9 +146,11 @@ def tracked_run(**start: object) -> Iterator[mlflow.ActiveRun]:
     try:
         yield run
     except KeyboardInterrupt:
+        _fail_pending_models(run)
         retry_busy(mlflow.end_run, "KILLED")
         raise
     except BaseException:
+        _fail_pending_models(run)
         retry_busy(mlflow.end_run, "FAILED")
         raise
     else:
@@ -139,82 +159,47 @@ def tracked_run(**start: object) -> Iterator[mlflow.ActiveRun]:
         signal.signal(signal.SIGTERM, previous)
 
 
-def log_metrics_at(run_id: str, step: int, metrics: dict[str, float]) -> None:
-    """Log several metrics at one step in a single request."""
-    now = int(time.time() * 1000)
-    batch = [Metric(key, float(value), now, step) for key, value in metrics.items()]
-    retry_busy(mlflow.MlflowClient().log_batch, run_id, metrics=batch)
+def _fail_pending_models(run: mlflow.ActiveRun) -> None:
+    """Mark FAILED the models this run began to log: MLflow leaves one PENDING when its upload breaks."""
+    models = retry_busy(
+        mlflow.search_logged_models, experiment_ids=[run.info.experiment_id],
+        filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list",
+    )
+    for model in models:
+        if model.status == LoggedModelStatus.PENDING:
+            retry_busy(mlflow.MlflowClient().finalize_logged_model, model.model_id, LoggedModelStatus.FAILED)
 
 
-def tag_model_version(name: str, version: int | str, tags: dict[str, str]) -> None:
-    """Tie a registered model version to its DVC experiment and git commit."""
+def log_metric_batch(run_id: str, metrics: list[Metric]) -> None:
+    """Log metrics in requests of at most 1,000, MLflow's limit for one batch."""
     client = mlflow.MlflowClient()
-    for key in ("dvc.exp_name", "dvc.exp_baseline_rev", "mlflow.source.git.commit"):
-        if key in tags:
-            retry_busy(client.set_model_version_tag, name, str(version), key.removeprefix("mlflow.source."), tags[key])
+    for start in range(0, len(metrics), 1000):
+        retry_busy(client.log_batch, run_id, metrics=metrics[start : start + 1000])
 
 
 def flat_metrics(report: dict[str, object], prefix: str = "") -> dict[str, float]:
-    """A nested metrics report as MLflow metric names: {"test": {"accuracy": x}} -> {"test_accuracy": x}."""
+    """A nested metrics file's numbers under the names `dvc metrics show` prints: {"test": {"accuracy": x}} -> test.accuracy."""
     flat: dict[str, float] = {}
     for key, value in report.items():
         if isinstance(value, dict):
-            flat.update(flat_metrics(value, f"{prefix}{key}_"))
-        elif isinstance(value, (int, float)):
+            flat.update(flat_metrics(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[f"{prefix}{key}"] = float(value)
     return flat
 
 
-def log_recorded_results(model: Path, lock: Path = Path("dvc.lock")) -> list[str]:
-    """Log to the active run the outputs that dvc.lock records as made from this very model file.
-
-    DVC skips a stage whose inputs match dvc.lock. When training reproduces a model byte for byte (on a
-    fresh clone, say), evaluate and plot do not run again, and their committed outputs are this model's
-    results: they are logged here so that the new run has them too. Stages that do run log again.
-    """
-    if not lock.exists():
-        return []
-    md5 = hashlib.md5(model.read_bytes()).hexdigest()
-    logged = []
-    for stage in (yaml.safe_load(lock.read_text()) or {}).get("stages", {}).values():
-        deps = stage.get("deps", [])
-        if not any(d.get("path") == model.as_posix() and d.get("md5") == md5 for d in deps):
-            continue
-        for out in stage.get("outs", []):
-            path = Path(out["path"])
-            if path.is_dir():
-                mlflow.log_artifacts(str(path), artifact_path=path.name)
-            elif path.suffix == ".json" and path.is_file():
-                retry_busy(mlflow.log_metrics, flat_metrics(json.loads(path.read_text())))
-                mlflow.log_artifact(str(path))
-            else:
-                continue
-            logged.append(out["path"])
-    return logged
-
-
-def find_run(experiment_id: str, model_sha256: str) -> str | None:
-    """The newest run that trained the model with this hash, if any."""
-    runs = retry_busy(
-        mlflow.search_runs,
-        experiment_ids=[experiment_id],
-        filter_string=f"tags.{MODEL_TAG} = '{model_sha256}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-        output_format="list",
+def find_model_version(name: str, model_sha256: str) -> ModelVersion | None:
+    """The registered version of exactly this model file, if an earlier result registered it."""
+    versions = retry_busy(
+        mlflow.MlflowClient().search_model_versions,
+        filter_string=f"name = '{name}' and tags.{MODEL_TAG} = '{model_sha256}'",
     )
-    return runs[0].info.run_id if runs else None
+    return min(versions, key=lambda v: int(v.version), default=None)
 
 
-@contextmanager
-def model_run(experiment_id: str, model_sha256: str, params: dict[str, object]) -> Iterator[mlflow.ActiveRun]:
-    """Reopen the run that trained this model; if the store lost it, open a new run for it."""
-    run_id = find_run(experiment_id, model_sha256)
-    if run_id is None:
-        print(f"mlflow: no run trained model {model_sha256[:12]}; recording in a new run")
-        with tracked_run(experiment_id=experiment_id, tags={MODEL_TAG: model_sha256, **run_tags()}) as run:
-            retry_busy(mlflow.log_params, params)
-            yield run
-        return
-    with tracked_run(run_id=run_id) as run:
-        yield run
+def tag_model_version(name: str, version: str, tags: dict[str, str]) -> None:
+    """Tie a registered model version to its model file, DVC experiment and git commit."""
+    client = mlflow.MlflowClient()
+    for key in (MODEL_TAG, "dvc.exp_name", "dvc.exp_baseline_rev", "mlflow.source.git.commit"):
+        if key in tags:
+            retry_busy(client.set_model_version_tag, name, version, key.removeprefix("mlflow.source."), tags[key])

@@ -5,18 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from mnist_pipeline import tracking
 from mnist_pipeline.data import NUM_CLASSES, load_mnist
 from mnist_pipeline.errors import run_stage
-from mnist_pipeline.files import atomic_write_json, atomic_write_text, sha256_file
+from mnist_pipeline.files import atomic_write_json, atomic_write_text
 from mnist_pipeline.losses import manual_cross_entropy, multiclass_svm_loss
 from mnist_pipeline.model import Net
-from mnist_pipeline.params import flatten, load_params
+from mnist_pipeline.params import load_params
 from mnist_pipeline.training import load_state_dict, predict, to_tensor
 
 CE_TOLERANCE = 1e-5
@@ -55,7 +53,6 @@ def main() -> None:
     parser.add_argument("predictions", type=Path, help="CSV of each test image's label and prediction")
     args = parser.parse_args()
     params = load_params()
-    experiment_id = tracking.configure(params.mlflow.experiment)  # fails fast if the store is unreachable
     torch.set_num_threads(params.train.num_threads)
     torch.use_deterministic_algorithms(True)
     images, labels = load_mnist(args.raw, "t10k")
@@ -67,10 +64,6 @@ def main() -> None:
     atomic_write_text(args.predictions, predictions_csv(labels, logits.argmax(1).numpy()))
     print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}, "
           f"hand-written cross-entropy {metrics['cross_entropy_manual']:.6f}, SVM loss {metrics['svm_loss']:.4f}")
-
-    with tracking.model_run(experiment_id, sha256_file(args.model), flatten(params)):
-        tracking.retry_busy(mlflow.log_metrics, tracking.flat_metrics({"test": metrics}))
-        mlflow.log_artifact(str(args.metrics))
 
 
 if __name__ == "__main__":

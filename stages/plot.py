@@ -6,15 +6,13 @@ import argparse
 import io
 from pathlib import Path
 
-import mlflow
 import numpy as np
 from matplotlib.figure import Figure
 
-from mnist_pipeline import tracking
 from mnist_pipeline.data import NUM_CLASSES, load_mnist
 from mnist_pipeline.errors import PipelineError, run_stage
-from mnist_pipeline.files import atomic_write_bytes, sha256_file
-from mnist_pipeline.params import flatten, load_params
+from mnist_pipeline.files import atomic_write_bytes
+from mnist_pipeline.params import load_params
 
 
 def read_predictions(path: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -75,11 +73,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("raw", type=Path, help="folder of the MNIST IDX files")
     parser.add_argument("predictions", type=Path, help="evaluate's CSV of labels and predictions")
-    parser.add_argument("model", type=Path, help="the model the predictions came from (to find its MLflow run)")
     parser.add_argument("out", type=Path, help="folder for the PNG figures")
     args = parser.parse_args()
     params = load_params()
-    experiment_id = tracking.configure(params.mlflow.experiment)  # fails fast if the store is unreachable
     images, _ = load_mnist(args.raw, "t10k")
     labels, predicted = read_predictions(args.predictions, len(images))
     n = params.plot.n_images
@@ -90,9 +86,6 @@ def main() -> None:
                         f"Misclassified test images (first {len(wrong)})"), args.out / "misclassified.png")
     save_png(confusion_figure(labels, predicted), args.out / "confusion_matrix.png")
     print(f"plot: 3 figures in {args.out}")
-
-    with tracking.model_run(experiment_id, sha256_file(args.model), flatten(params)):
-        mlflow.log_artifacts(str(args.out), artifact_path="figures")
 
 
 if __name__ == "__main__":

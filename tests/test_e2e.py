@@ -34,7 +34,8 @@ def test_dvc_repro_on_real_data_reproduces_the_committed_results(tmp_path: Path,
     assert experiment.artifact_location == (clone / "mlartifacts").as_uri()
     (run,) = mlflow.search_runs([experiment.experiment_id], output_format="list")
     assert run.info.status == "FINISHED"
-    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
+    assert run.info.run_name == "workspace" and run.data.tags["git.dirty"] == "false"
+    assert run.data.metrics["test.accuracy"] == metrics["accuracy"]
     assert run.data.tags["mlflow.source.git.commit"] == subprocess.run(
         ["git", "rev-parse", "HEAD"], cwd=clone, capture_output=True, text=True, check=True).stdout.strip()
     client = mlflow.MlflowClient()
@@ -45,7 +46,7 @@ def test_dvc_repro_on_real_data_reproduces_the_committed_results(tmp_path: Path,
     assert {a.path for a in client.list_artifacts(run.info.run_id, "figures")} == {
         "figures/predictions.png", "figures/misclassified.png", "figures/confusion_matrix.png"}
     (version,) = client.search_model_versions("name = 'mnist-cnn'")
-    assert version.run_id == run.info.run_id
+    assert version.run_id == run.info.run_id and run.data.tags["model.version"] == f"mnist-cnn/{version.version}"
 
     again = dvc(clone, "repro")
     assert "Data and pipelines are up to date." in again.stdout

@@ -67,7 +67,7 @@ def test_exp_run_reruns_exactly_train_evaluate_plot(repo: Path) -> None:
     out = dvc(repo, "exp", "run", "-n", "lr-0001", "-S", "train.lr=0.001").stdout
     for stage in ("download", "split"):
         assert f"Stage '{stage}' didn't change, skipping" in out
-    for stage in ("train", "evaluate", "plot"):
+    for stage in ("train", "evaluate", "plot", "record"):
         assert f"Running stage '{stage}'" in out
 
     table = exp_table(repo)
@@ -83,7 +83,7 @@ def test_exp_run_reruns_exactly_train_evaluate_plot(repo: Path) -> None:
     (run,) = [r for r in mlflow_runs(repo) if r.data.tags.get("dvc.exp_name") == "lr-0001"]
     assert run.info.run_name == "lr-0001"
     assert run.data.params["train.lr"] == "0.001"
-    assert run.data.metrics["test_accuracy"] == float(row["test.accuracy"])
+    assert run.data.metrics["test.accuracy"] == float(row["test.accuracy"])
     assert run.data.tags["dvc.exp_baseline_rev"] == run.data.tags["mlflow.source.git.commit"]
 
 
@@ -126,20 +126,23 @@ def test_queued_grid_and_temp_runs_land_in_the_root_store(repo: Path) -> None:
     for name, row in table.items():
         if row["typ"] == "baseline":
             continue
-        # lr=0.001 repeats lr-0001: DVC restores it from its run-cache, so only lr-0001 trained and has a run.
-        (run,) = [r for r in runs if r.data.params["train.lr"] == row["train.lr"]]
-        if name != "lr-0001" and row["train.lr"] != "0.001":
-            assert run.data.tags["dvc.exp_name"] == run.info.run_name == name
+        # Every experiment has its run, also the grid's lr=0.001, which DVC restored from lr-0001's run-cache.
+        (run,) = [r for r in runs if r.info.run_name == name]
+        assert run.data.tags["dvc.exp_name"] == name and run.data.params["train.lr"] == row["train.lr"]
         assert run.info.status == "FINISHED"
-        assert run.data.metrics["test_accuracy"] == float(row["test.accuracy"])
+        assert run.data.metrics["test.accuracy"] == float(row["test.accuracy"])
         assert run.info.artifact_uri.startswith((repo / "mlartifacts").as_uri())
         figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
         assert len(figures) == 3
         local = Path(client.download_artifacts(run.info.run_id, figures[0], str(repo / "downloads" / name)))
         assert local.read_bytes()[:4] == b"\x89PNG"
+    # One version per distinct model file, registered by the run that logged it; the restored run points at it.
     versions = client.search_model_versions("name = 'mnist-cnn'")
-    assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs)  # one per training run
-    assert {v.tags.get("dvc.exp_name") for v in versions} == {r.data.tags.get("dvc.exp_name") for r in runs}
+    assert sorted(v.tags["model_sha256"] for v in versions) == sorted({r.data.tags["model_sha256"] for r in runs})
+    by_id = {r.info.run_id: r for r in runs}
+    assert all(by_id[v.run_id].data.tags["model_sha256"] == v.tags["model_sha256"] for v in versions)
+    (restored,) = [r for r in runs if r.data.params["train.lr"] == "0.001" and "model.run_id" in r.data.tags]
+    assert by_id[restored.data.tags["model.run_id"]].info.run_name == "lr-0001"
 
 
 def test_apply_and_branch_of_the_best_experiment_are_up_to_date(repo: Path) -> None:
@@ -170,8 +173,7 @@ def test_mlflow_ui_shows_every_run(repo: Path, tmp_path: Path) -> None:
         experiments = get_json(f"{api}/experiments/search", {"max_results": 100})["experiments"]
         by_name = {e["name"]: e["experiment_id"] for e in experiments}
         found = get_json(f"{api}/runs/search", {"experiment_ids": [by_name["mnist"]], "max_results": 100})["runs"]
-        # baseline, lr-0001, the grid's 0.0005 and 0.002 (its 0.001 came from the run-cache), temp-run
-        assert len(found) == len(mlflow_runs(repo)) == 5
+        assert len(found) == len(mlflow_runs(repo))
         for experiment_id in set(by_name.values()) - {by_name["mnist"]}:
             assert not get_json(f"{api}/runs/search", {"experiment_ids": [experiment_id]}).get("runs")
         for run in found:
@@ -179,13 +181,13 @@ def test_mlflow_ui_shows_every_run(repo: Path, tmp_path: Path) -> None:
             params = {p["key"]: p["value"] for p in run["data"]["params"]}
             metrics = {m["key"] for m in run["data"]["metrics"]}
             assert {"seed", "train.lr", "split.val_fraction"} <= set(params)
-            assert {"val_acc", "train_loss", "test_accuracy", "test_svm_loss"} <= metrics
+            assert {"val_acc", "train_loss", "test.accuracy", "test.svm_loss", "train.best_val_acc"} <= metrics
             history = get_json(f"{api}/metrics/get-history?run_id={run_id}&metric_key=val_acc")["metrics"]
             assert [m["step"] for m in history] == report_steps()
             files = get_json(f"{api}/artifacts/list?run_id={run_id}&path=figures")["files"]
             assert len(files) == 3
         versions = get_json(f"{api}/model-versions/search?filter=name%3D%27mnist-cnn%27")["model_versions"]
-        assert {v["run_id"] for v in versions} == {r["info"]["run_id"] for r in found}
+        assert {v["run_id"] for v in versions} <= {r["info"]["run_id"] for r in found}
 
         dom = subprocess.run(
             [*CHROMIUM, f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom", f"{base}/#/experiments"],
@@ -199,7 +201,7 @@ def test_registered_model_predicts_and_serves_like_the_metrics(repo: Path, share
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     version = max(client.search_model_versions("name = 'mnist-cnn'"), key=lambda v: int(v.version))
-    expected = client.get_run(version.run_id).data.metrics["test_accuracy"]
+    expected = client.get_run(version.run_id).data.metrics["test.accuracy"]
     images, labels = load_mnist(repo / "data/raw", "t10k")
     x = to_tensor(images).numpy()
     model = mlflow.pyfunc.load_model(f"models:/mnist-cnn/{version.version}")
@@ -230,7 +232,7 @@ def test_forced_repro_reproduces_every_byte(repo: Path) -> None:
     assert_clean(repo)
     before = run_count(repo)
     out = dvc(repo, "repro", "--force").stdout
-    assert all(f"Running stage '{s}'" in out for s in ("download", "split", "train", "evaluate", "plot"))
+    assert all(f"Running stage '{s}'" in out for s in ("download", "split", "train", "evaluate", "plot", "record"))
     assert_clean(repo)
     assert run_count(repo) == before + 1
 
@@ -240,12 +242,16 @@ def test_run_cache_restores_a_reverted_experiment_without_training(repo: Path) -
     (repo / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
     dvc(repo, "repro")
     before = run_count(repo)
+    versions = len(mlflow.MlflowClient().search_model_versions("name = 'mnist-cnn'"))
     subprocess.run(["git", "checkout", "params.yaml"], cwd=repo, check=True)
     out = dvc(repo, "repro").stdout
     for stage in ("train", "evaluate", "plot"):
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in out
     assert_clean(repo)  # identical metrics, figures and lock
-    assert run_count(repo) == before  # nothing was trained
+    # Nothing was trained, but the workspace holds a result again: it is recorded, pointing at the model's run.
+    assert run_count(repo) == before + 1
+    assert len(mlflow.MlflowClient().search_model_versions("name = 'mnist-cnn'")) == versions
+    assert "model.run_id" in max(mlflow_runs(repo), key=lambda r: r.info.start_time).data.tags
 
 
 def test_sigkill_during_training_then_repro_completes(repo: Path) -> None:

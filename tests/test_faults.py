@@ -226,7 +226,7 @@ def test_all_sources_failing_is_one_error_and_keeps_the_data(
     assert snapshot(done) == before
 
 
-def test_sigterm_during_training_ends_the_run_killed_and_keeps_the_old_model(done: Path) -> None:
+def test_sigterm_during_training_keeps_the_old_model_and_records_nothing(done: Path) -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["train"].update(epochs=1000, log_every=50)
     Path("params.yaml").write_text(yaml.safe_dump(params))
@@ -240,9 +240,7 @@ def test_sigterm_during_training_ends_the_run_killed_and_keeps_the_old_model(don
     process.communicate(timeout=120)
     assert process.returncode != 0
     assert snapshot(done) == before
-    newest = mlflow.search_runs(search_all_experiments=True, order_by=["attributes.start_time DESC"],
-                                output_format="list")[0]
-    assert newest.info.status == "KILLED"
+    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == 1  # the pipeline's own
 
 
 def test_disk_full_while_saving_the_model(done: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -258,9 +256,6 @@ def test_disk_full_while_saving_the_model(done: Path, monkeypatch: pytest.Monkey
     assert str(info.value.code) == "error: cannot write models/model.pt: No space left on device; it is left as it was"
     assert snapshot(done) == before
     assert not [p for p in (done / "models").iterdir() if p.name != "model.pt"]
-    newest = mlflow.search_runs(search_all_experiments=True, order_by=["attributes.start_time DESC"],
-                                output_format="list")[0]
-    assert newest.info.status == "FAILED"
 
     train.main()  # the next run recovers, and training is deterministic: the same bytes again
     assert snapshot(done) == before

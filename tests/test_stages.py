@@ -13,7 +13,8 @@ import pytest
 from mnist_pipeline import sources, tracking
 from mnist_pipeline.data import MnistFile
 from mnist_pipeline.files import sha256_file
-from stages import download, evaluate, plot, split, train
+from mnist_pipeline.store import resolve_store
+from stages import download, evaluate, plot, record, split, train
 from tests.conftest import free_port, get_json, project_env, serving
 
 
@@ -23,7 +24,7 @@ def run_stage(module, monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
 
 
 def run_pipeline(folder: Path, files: tuple[MnistFile, ...], monkeypatch: pytest.MonkeyPatch) -> None:
-    """All five stages in order on the tiny data, in the current folder."""
+    """All six stages in order on the tiny data, in the current folder."""
     monkeypatch.setenv("MNIST_MIRROR", str(folder))
     monkeypatch.setattr(sources, "MNIST_FILES", files)
     run_stage(download, monkeypatch, "data/raw")
@@ -31,12 +32,14 @@ def run_pipeline(folder: Path, files: tuple[MnistFile, ...], monkeypatch: pytest
     run_stage(train, monkeypatch, "data/raw", "data/split", "models/model.pt",
               "reports/train_log.csv", "reports/train.json")
     run_stage(evaluate, monkeypatch, "data/raw", "models/model.pt", "reports/metrics.json", "reports/predictions.csv")
-    run_stage(plot, monkeypatch, "data/raw", "reports/predictions.csv", "models/model.pt", "reports/figures")
+    run_stage(plot, monkeypatch, "data/raw", "reports/predictions.csv", "reports/figures")
+    run_stage(record, monkeypatch, "data/raw", "models/model.pt", "reports/train_log.csv", "reports/train.json",
+              "reports/metrics.json", "reports/predictions.csv", "reports/figures", "--marker", "reports/.recorded")
 
 
 @pytest.fixture
 def pipeline(workdir: Path, tiny_mnist: tuple[Path, tuple[MnistFile, ...]], monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The working folder after all five stages ran on the tiny data."""
+    """The working folder after all six stages ran on the tiny data."""
     run_pipeline(*tiny_mnist, monkeypatch)
     return workdir
 
@@ -67,7 +70,7 @@ def test_stage_outputs(pipeline: Path, tiny_mnist: tuple[Path, tuple[MnistFile, 
 
 
 def test_one_mlflow_run_holds_training_evaluation_and_figures(pipeline: Path) -> None:
-    experiment_id = tracking.configure("mnist")
+    experiment_id = tracking.configure(resolve_store(), "mnist")
     assert mlflow.get_tracking_uri() == f"sqlite:///{pipeline / 'mlflow.db'}"
     runs = mlflow.search_runs([experiment_id], output_format="list")
     assert len(runs) == 1
@@ -78,7 +81,12 @@ def test_one_mlflow_run_holds_training_evaluation_and_figures(pipeline: Path) ->
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_acc")
     assert [m.step for m in history] == [4, 8, 12]
     metrics = json.loads(Path("reports/metrics.json").read_text())["test"]
-    assert run.data.metrics["test_accuracy"] == pytest.approx(metrics["accuracy"])
+    assert run.data.metrics["test.accuracy"] == pytest.approx(metrics["accuracy"])
+    assert run.data.metrics["train.best_val_acc"] == json.loads(Path("reports/train.json").read_text())["train"]["best_val_acc"]
+    assert run.data.tags["train.device"] == "cpu" and run.data.metrics["train.world_size"] == 1
+    assert run.info.run_name == "workspace"
+    assert {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "reports")} == {
+        "reports/train_log.csv", "reports/train.json", "reports/metrics.json", "reports/predictions.csv"}
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "figures")}
     assert artifacts == {"figures/predictions.png", "figures/misclassified.png", "figures/confusion_matrix.png"}
     assert run.info.artifact_uri.startswith((pipeline / "mlartifacts").as_uri())
@@ -101,7 +109,7 @@ def test_tracking_uri_sends_everything_to_a_running_server(
         experiment = get_json(f"{api}/experiments/get-by-name?experiment_name=mnist")["experiment"]
         (run,) = get_json(f"{api}/runs/search", {"experiment_ids": [experiment["experiment_id"]]})["runs"]
         metrics = {m["key"] for m in run["data"]["metrics"]}
-        assert {"val_acc", "test_accuracy"} <= metrics
+        assert {"val_acc", "test.accuracy"} <= metrics
         files = get_json(f"{api}/artifacts/list?run_id={run['info']['run_id']}&path=figures")["files"]
         assert len(files) == 3
     # Nothing went to the local default store, and the artifacts went through the server.

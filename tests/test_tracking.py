@@ -14,16 +14,19 @@ import mlflow
 import pytest
 
 from mnist_pipeline import tracking
+from mnist_pipeline.store import resolve_store
 from tests.conftest import GIT_IDENTITY, REPO
 
 WRITER = textwrap.dedent("""
     import mlflow
+    from mlflow.entities import Metric
     from mnist_pipeline import tracking
-    experiment = tracking.configure("mnist")
+    from mnist_pipeline.store import resolve_store
+    experiment = tracking.configure(resolve_store(), "mnist")
     with tracking.tracked_run(experiment_id=experiment) as run:
         tracking.retry_busy(mlflow.log_params, {"writer": "{name}"})
         for step in range(150):
-            tracking.log_metrics_at(run.info.run_id, step, {"a": step, "b": 2 * step})
+            tracking.log_metric_batch(run.info.run_id, [Metric("a", step, 0, step), Metric("b", 2 * step, 0, step)])
 """)
 
 
@@ -55,7 +58,7 @@ def test_two_processes_write_one_new_store_at_once(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("error", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
 def test_run_ends_failed_or_killed(workdir: Path, error: BaseException, status: str) -> None:
-    experiment = tracking.configure("mnist")
+    experiment = tracking.configure(resolve_store(), "mnist")
     with pytest.raises(type(error)), tracking.tracked_run(experiment_id=experiment):
         raise error
     (run,) = runs(workdir)
@@ -67,7 +70,8 @@ def test_sigterm_ends_the_run_as_killed(tmp_path: Path) -> None:
     code = textwrap.dedent("""
         import time
         from mnist_pipeline import tracking
-        with tracking.tracked_run(experiment_id=tracking.configure("mnist")):
+        from mnist_pipeline.store import resolve_store
+        with tracking.tracked_run(experiment_id=tracking.configure(resolve_store(), "mnist")):
             print("running", flush=True)
             time.sleep(60)
     """)
@@ -87,17 +91,30 @@ def test_tags_tie_a_run_to_git_and_dvc(tmp_path: Path, monkeypatch: pytest.Monke
         monkeypatch.setenv(key, value)
     monkeypatch.chdir(tmp_path)
     subprocess.run(["git", "init", "-q"], check=True)
-    Path("params.yaml").write_text("seed: 1\n")
-    subprocess.run(["git", "add", "params.yaml"], check=True)
+    for name, text in {"params.yaml": "seed: 1\n", "dvc.lock": "a\n", "reports/metrics.json": "{}\n",
+                       "reports/figures/a.png": "png"}.items():
+        Path(name).parent.mkdir(parents=True, exist_ok=True)
+        Path(name).write_text(text)
+    subprocess.run(["git", "add", "-A"], check=True)
     subprocess.run(["git", "commit", "-qm", "x"], check=True)
     head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
-    assert tracking.run_tags() == {"mlflow.source.git.commit": head, "git.dirty": "false"}
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
+    outputs = [Path("reports/metrics.json"), Path("reports/figures")]
+    tags = tracking.run_tags(outputs)
+    assert tags["mlflow.source.git.commit"] == head and tags["git.dirty"] == "false"
+    assert "dvc.exp_name" not in tags
 
+    # What DVC does during any `dvc repro`: delete and rewrite outputs, update dvc.lock. Not dirty.
+    Path("reports/metrics.json").unlink()
+    Path("reports/figures/a.png").write_text("other")
+    Path("dvc.lock").write_text("b\n")
+    assert tracking.git_dirty(outputs) is False
+    # A changed param (or code) is.
     Path("params.yaml").write_text("seed: 2\n")
     monkeypatch.setenv("DVC_EXP_NAME", "hasty-kite")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", head)
-    tags = tracking.run_tags()
+    tags = tracking.run_tags(outputs)
     assert tags["git.dirty"] == "true"
     assert tags["dvc.exp_name"] == "hasty-kite" and tags["dvc.exp_baseline_rev"] == head
     assert "dvc exp apply hasty-kite" in tags["mlflow.note.content"]
@@ -105,4 +122,5 @@ def test_tags_tie_a_run_to_git_and_dvc(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_flat_metrics_names() -> None:
     report = {"test": {"accuracy": 0.99, "per_class_accuracy": {"0": 1.0}, "note": "text"}}
-    assert tracking.flat_metrics(report) == {"test_accuracy": 0.99, "test_per_class_accuracy_0": 1.0}
+    # The names `dvc metrics show` prints, so a query written with them works in MLflow.
+    assert tracking.flat_metrics(report) == {"test.accuracy": 0.99, "test.per_class_accuracy.0": 1.0}

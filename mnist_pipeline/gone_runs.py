@@ -1,0 +1,70 @@
+"""List (and with --delete, delete restorably) the MLflow runs whose DVC experiment no longer exists.
+
+Run it in the repo root: python -m mnist_pipeline.gone_runs [--delete]
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import mlflow
+
+from mnist_pipeline import tracking
+from mnist_pipeline.errors import PipelineError, run_stage
+from mnist_pipeline.params import load_params
+from mnist_pipeline.store import resolve_store
+
+GONE_NOTE = (
+    "DVC experiment `{name}` no longer exists (removed with `dvc exp remove`, or it failed in a temporary "
+    "copy): `dvc exp apply` cannot bring it back; its params, metrics, figures and model are in this run only."
+)
+
+
+def dvc_experiment_names() -> set[str]:
+    """The names of every DVC experiment of every commit in this repo (`dvc exp list -A`)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", "exp", "list", "--all-commits", "--name-only"],
+        capture_output=True, text=True, check=False,
+    )
+    if result.returncode != 0:
+        raise PipelineError(f"`dvc exp list` failed, so nothing is marked gone: {result.stderr.strip()}")
+    return {line.strip() for line in result.stdout.splitlines() if line.strip()}
+
+
+def gone_runs(experiment_id: str, names: set[str]) -> list[mlflow.entities.Run]:
+    """Runs of a DVC experiment that `dvc exp list` no longer knows (workspace runs are never gone)."""
+    runs = tracking.retry_busy(
+        mlflow.search_runs, experiment_ids=[experiment_id], filter_string="tags.`dvc.exp_name` != ''",
+        output_format="list", order_by=["attributes.start_time ASC"],
+    )
+    return [run for run in runs if run.data.tags["dvc.exp_name"] not in names]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--delete", action="store_true",
+                        help="delete them as MLflow does (restorable: `mlflow runs restore --run-id ID`)")
+    args = parser.parse_args()
+    params = load_params()
+    store = resolve_store()
+    names = dvc_experiment_names()
+    with tracking.store_errors(store, "fix the store and run this again"):
+        experiment_id = tracking.configure(store, params.mlflow.experiment)
+        client = mlflow.MlflowClient()
+        runs = gone_runs(experiment_id, names)
+        for run in runs:
+            name = run.data.tags["dvc.exp_name"]
+            # The note said `dvc exp apply <name>`: say instead that the experiment is gone.
+            tracking.retry_busy(client.set_tag, run.info.run_id, "mlflow.note.content", GONE_NOTE.format(name=name))
+            tracking.retry_busy(client.set_tag, run.info.run_id, "dvc.exp_gone", "true")
+            if args.delete:
+                tracking.retry_busy(client.delete_run, run.info.run_id)
+            print(f"{run.info.run_id}  {name}  {run.info.status}{'  deleted' if args.delete else ''}")
+    verb = "deleted (restore one with `mlflow runs restore --run-id ID`)" if args.delete else "found"
+    print(f"{len(runs)} run(s) of gone DVC experiments {verb} in {store.uri}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,127 @@
+"""Where MLflow records results, and a cheap check that it can: no MLflow import, so train can check before training."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from mnist_pipeline.errors import PipelineError
+
+STORE_FILE = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+# A run writes about 1 MB (model, figures, reports); refuse well before the disk is full.
+MIN_FREE_BYTES = 64 << 20
+
+
+class StoreError(PipelineError):
+    """The MLflow store cannot record a result; the message names the store and what to do."""
+
+
+@dataclass(frozen=True)
+class Store:
+    """A resolved tracking URI, and for a local SQLite store its file and artifact folder."""
+
+    uri: str
+    database: Path | None = None
+    artifacts: Path | None = None
+
+
+def repo_root() -> Path:
+    """The main repo's root: DVC sets DVC_ROOT there, even for `--temp` and queued experiments."""
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def resolve_store(environ: dict[str, str] | None = None) -> Store:
+    """The store MLFLOW_TRACKING_URI names, relative paths taken from the repo root; by default the root's mlflow.db.
+
+    DVC runs `--temp` and queued experiments in a copy of the repo that it deletes afterwards: a store
+    or artifact folder relative to the working directory would be deleted with it.
+    """
+    uri = (os.environ if environ is None else environ).get("MLFLOW_TRACKING_URI", "").strip()
+    root = repo_root()
+    if not uri:
+        return _sqlite_store(root / STORE_FILE)
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme in ("http", "https"):
+        return Store(uri.rstrip("/"))
+    if scheme == "sqlite":
+        path = uri.removeprefix("sqlite:///")
+        if path == uri or path in ("", ":memory:"):
+            raise StoreError(
+                f"MLFLOW_TRACKING_URI={uri}: expected sqlite:///<file> (relative to the repo root) or "
+                "sqlite:////<absolute file>; an in-memory store would lose every run"
+            )
+        return _sqlite_store(root / path)
+    raise StoreError(
+        f"MLFLOW_TRACKING_URI={uri}: only a SQLite file (sqlite:///mlflow.db) or a tracking server (http://...) "
+        "is supported; MLflow's file store would split runs across DVC's temporary copies"
+    )
+
+
+def _sqlite_store(database: Path) -> Store:
+    database = database.resolve()
+    return Store(f"sqlite:///{database}", database, database.parent / ARTIFACTS_DIR)
+
+
+def check_store(store: Store, timeout: float = 10) -> None:
+    """Fail in one line if the store cannot take a run: unreachable, corrupt, unwritable or out of space."""
+    if store.database is None:
+        check_server(store.uri, timeout)
+        return
+    _check_database(store.database)
+    for folder in (store.database.parent, store.artifacts):
+        _check_writable(folder, store)
+
+
+def check_server(uri: str, timeout: float = 10) -> None:
+    """Fail at once if the tracking server does not answer (MLflow itself retries for minutes)."""
+    try:
+        with urllib.request.urlopen(f"{uri}/health", timeout=timeout):
+            pass
+    except (OSError, ValueError) as err:
+        raise StoreError(
+            f"MLFLOW_TRACKING_URI={uri}: the MLflow server does not answer ({getattr(err, 'reason', err)}); "
+            "start it, or unset MLFLOW_TRACKING_URI to record in the repo's mlflow.db"
+        ) from None
+
+
+def _check_database(path: Path) -> None:
+    if not path.exists():
+        return  # MLflow creates it on first use
+    what_to_do = f"move {path} aside (MLflow starts a new one) or restore it from a backup"
+    try:
+        connection = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            problems = [row[0] for row in connection.execute("PRAGMA quick_check")]
+        finally:
+            connection.close()
+    except sqlite3.DatabaseError as err:
+        raise StoreError(f"MLflow store {path}: {err}; {what_to_do}") from None
+    if problems != ["ok"]:
+        first = " ".join(problems[0].split())
+        raise StoreError(f"MLflow store {path} is damaged ({first}); {what_to_do}")
+
+
+def _check_writable(folder: Path, store: Store) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        free = shutil.disk_usage(folder).free
+    except OSError as err:
+        raise StoreError(
+            f"MLflow store {store.uri}: cannot write in {folder} ({err.strerror or err}); fix its permissions "
+            "or point MLFLOW_TRACKING_URI elsewhere"
+        ) from None
+    if free < MIN_FREE_BYTES:
+        raise StoreError(
+            f"MLflow store {store.uri}: only {free >> 20} MiB free in {folder} (at least {MIN_FREE_BYTES >> 20} MiB "
+            "needed); free some space there"
+        )

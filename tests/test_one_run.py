@@ -1,0 +1,209 @@
+"""One DVC result, one complete MLflow run, with the real `dvc` and `mlflow` commands on the real data."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from tests.conftest import REPO, copy_project, dvc, project_env
+
+pytestmark = pytest.mark.slow
+BASELINE = yaml.safe_load((REPO / "params.yaml").read_text())
+BASELINE["train"].update(epochs=1, log_every=100)
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True,
+                          env=project_env()).stdout
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory, shared_mnist: Path) -> Path:
+    """A clone whose baseline (one epoch) is committed, then reproduced and committed as a user would."""
+    root = copy_project(tmp_path_factory.mktemp("one-run") / "repo")
+    (root / "params.yaml").write_text(yaml.safe_dump(BASELINE, sort_keys=False))
+    git(root, "commit", "-qam", "one epoch")
+    dvc(root, "repro", MNIST_MIRROR=str(shared_mnist))
+    git(root, "add", "-A")
+    git(root, "commit", "-qm", "baseline results")
+    return root
+
+
+@pytest.fixture
+def clean(repo: Path) -> None:
+    """The workspace back at the committed baseline: no test relies on what another left in it."""
+    git(repo, "reset", "-q", "--hard")
+    dvc(repo, "checkout", "--force")
+
+
+def runs(root: Path, name: str | None = None) -> list[mlflow.entities.Run]:
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = mlflow.get_experiment_by_name("mnist")
+    found = mlflow.search_runs([experiment.experiment_id], output_format="list",
+                               order_by=["attributes.start_time ASC"])
+    return [r for r in found if name is None or r.info.run_name == name]
+
+
+def exp_names(root: Path) -> set[str]:
+    rows = csv.DictReader(io.StringIO(dvc(root, "exp", "show", "--csv").stdout))
+    return {row["Experiment"] for row in rows if row["Experiment"]}
+
+
+def artifact_bytes(root: Path, run: mlflow.entities.Run) -> dict[str, bytes]:
+    folder = Path(run.info.artifact_uri.removeprefix("file://"))
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_baseline_run_is_complete_and_clean(repo: Path) -> None:
+    run = runs(repo, "workspace")[0]  # the fixture's `dvc repro`
+    assert run.info.run_name == "workspace" and run.info.status == "FINISHED"
+    assert run.data.tags["git.dirty"] == "false"
+    assert run.data.tags["train.device"] == "cpu" and run.data.metrics["train.world_size"] == 1
+    metrics = json.loads((repo / "reports/metrics.json").read_text())["test"]
+    assert run.data.metrics["test.accuracy"] == metrics["accuracy"]
+    assert run.data.params["train.epochs"] == "1"
+    stored = artifact_bytes(repo, run)
+    assert stored["figures/predictions.png"] == (repo / "reports/figures/predictions.png").read_bytes()
+    assert stored["reports/train_log.csv"] == (repo / "reports/train_log.csv").read_bytes()
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_acc")
+    assert [m.step for m in history] == [*range(100, 165, 100), 165]  # 42,000 / 256 -> 165 iterations
+    name, version = run.data.tags["model.version"].split("/")
+    assert mlflow.MlflowClient().get_model_version(name, version).run_id == run.info.run_id
+
+
+def test_temp_run_with_a_relative_uri_lands_in_the_root_store(repo: Path, clean: None) -> None:
+    dvc(repo, "exp", "run", "--temp", "-n", "temp-rel", "-S", "train.lr=0.003",
+        MLFLOW_TRACKING_URI="sqlite:///mlflow.db")
+    assert not list((repo / ".dvc/tmp/exps").glob("tmp*"))  # DVC deleted its copy
+    (run,) = runs(repo, "temp-rel")
+    assert run.info.status == "FINISHED" and run.data.tags["dvc.exp_name"] == "temp-rel"
+    assert run.info.artifact_uri.startswith((repo / "mlartifacts").as_uri())
+    assert "figures/confusion_matrix.png" in artifact_bytes(repo, run)
+    version = run.data.tags["model.version"].split("/")[1]
+    model = mlflow.MlflowClient().get_model_version("mnist-cnn", version)
+    assert model.run_id == run.info.run_id and model.tags["dvc.exp_name"] == "temp-rel"
+
+
+def test_a_plot_only_experiment_is_its_own_run_and_leaves_the_trained_one_alone(repo: Path, clean: None) -> None:
+    dvc(repo, "exp", "run", "-n", "a", "-S", "train.lr=0.002")
+    (a,) = runs(repo, "a")
+    a_files = artifact_bytes(repo, a)
+    out = dvc(repo, "exp", "run", "-n", "b", "-S", "plot.n_images=9").stdout
+    for stage in ("train", "evaluate"):
+        assert f"Stage '{stage}' didn't change, skipping" in out
+    assert "Running stage 'plot'" in out and "Running stage 'record'" in out
+
+    (a_after,) = runs(repo, "a")
+    (b,) = runs(repo, "b")
+    assert (a_after.info.status, a_after.data.params, a_after.data.tags) == (a.info.status, a.data.params, a.data.tags)
+    assert artifact_bytes(repo, a_after) == a_files  # a's figures were not rewritten
+    assert b.data.params["plot.n_images"] == "9" and a.data.params["plot.n_images"] == "25"
+    assert b.data.params["train.lr"] == a.data.params["train.lr"] == "0.002"
+    assert b.data.tags["model.run_id"] == a.info.run_id and b.data.tags["model.version"] == a.data.tags["model.version"]
+    assert artifact_bytes(repo, b)["figures/predictions.png"] != a_files["figures/predictions.png"]
+    assert b.data.metrics["test.accuracy"] == a.data.metrics["test.accuracy"]
+
+
+def test_a_queued_run_restored_from_the_run_cache_has_its_run(repo: Path, clean: None) -> None:
+    # The baseline's own params: DVC restores train, evaluate and plot from the baseline's run-cache.
+    dvc(repo, "exp", "run", "--queue", "-n", "again-baseline", "-S", f"train.lr={BASELINE['train']['lr']}")
+    dvc(repo, "queue", "start", "-j", "1")
+    deadline = time.monotonic() + 600
+    while any(word in (status := dvc(repo, "queue", "status").stdout) for word in ("Queued", "Running")):
+        assert time.monotonic() < deadline, status
+        time.sleep(2)
+    assert "Success" in status, status
+    (run,) = runs(repo, "again-baseline")
+    (baseline,) = runs(repo, "workspace")[:1]
+    assert run.info.status == "FINISHED" and run.data.tags["model.run_id"] == baseline.info.run_id
+    assert run.data.metrics["test.accuracy"] == baseline.data.metrics["test.accuracy"]
+    assert run.data.tags["dvc.exp_name"] == "again-baseline"
+
+
+def test_every_experiment_dvc_lists_has_a_run_found_by_dvc_metric_names(repo: Path, clean: None) -> None:
+    dvc(repo, "exp", "run", "--temp", "-n", "listed", "-S", "plot.n_images=16")  # one experiment at least
+    names = exp_names(repo)
+    assert "listed" in names
+    by_name = {r.info.run_name for r in runs(repo)}
+    assert names <= by_name
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    ordered = mlflow.search_runs(experiment_names=["mnist"], order_by=["metrics.`test.accuracy` DESC"],
+                                 output_format="list")
+    accuracies = [r.data.metrics["test.accuracy"] for r in ordered]
+    assert len(ordered) == len(runs(repo)) and accuracies == sorted(accuracies, reverse=True)
+    good = mlflow.search_runs(experiment_names=["mnist"], filter_string="metrics.`test.accuracy` > 0.5",
+                              output_format="list")
+    assert len(good) == len(ordered)
+
+
+def test_gone_experiments_are_listed_then_deleted_restorably(repo: Path, clean: None) -> None:
+    command = [sys.executable, "-m", "mnist_pipeline.gone_runs"]
+    env = project_env(PYTHONPATH=str(repo))
+    dvc(repo, "exp", "run", "--temp", "-n", "to-remove", "-S", "plot.n_images=4")
+    dvc(repo, "exp", "run", "--temp", "-n", "to-keep", "-S", "plot.n_images=5")
+    listed = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, check=True)
+    assert "to-remove" not in listed.stdout and "to-keep" not in listed.stdout  # both still exist
+    dvc(repo, "exp", "remove", "to-remove")
+    (gone,) = runs(repo, "to-remove")
+    listed = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, check=True)
+    assert f"{gone.info.run_id}  to-remove  FINISHED" in listed.stdout.splitlines()
+    assert "to-keep" not in listed.stdout
+    (gone,) = runs(repo, "to-remove")
+    assert "no longer exists" in gone.data.tags["mlflow.note.content"]
+    assert "dvc exp apply to-remove" not in gone.data.tags["mlflow.note.content"]
+
+    subprocess.run([*command, "--delete"], cwd=repo, env=env, capture_output=True, text=True, check=True)
+    assert runs(repo, "to-remove") == []
+    assert runs(repo, "to-keep")  # runs of existing experiments stay
+    subprocess.run([sys.executable, "-m", "mlflow", "runs", "restore", "--run-id", gone.info.run_id], cwd=repo,
+                   env=project_env(MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}"), check=True,
+                   capture_output=True)
+    assert runs(repo, "to-remove")
+
+
+def test_a_corrupt_store_stops_dvc_exp_run_before_training(repo: Path, clean: None) -> None:
+    database = repo / "mlflow.db"
+    saved = database.read_bytes()
+    database.write_bytes(b"garbage" * 1000)
+    try:
+        result = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.lr=0.0007"], cwd=repo,
+                                env=project_env(), capture_output=True, text=True)
+    finally:
+        database.write_bytes(saved)
+    assert result.returncode != 0
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors == [f"error: MLflow store {database}: file is not a database; move {database} aside "
+                      "(MLflow starts a new one) or restore it from a backup"], result.stderr
+    assert "Iteration" not in result.stdout and "Traceback" not in result.stderr
+    # What the README says to do: the bad run's params and DVC's deletions are undone from git and the cache.
+    assert not (repo / "models/model.pt").exists()
+    git(repo, "checkout", "--", "params.yaml", "dvc.lock", "reports")
+    dvc(repo, "checkout")
+    assert (repo / "models/model.pt").exists()
+    assert "Data and pipelines are up to date." in dvc(repo, "status").stdout
+
+
+def test_dependencies_are_exact(repo: Path, clean: None) -> None:
+    def changed_stages() -> set[str]:
+        return set(json.loads(dvc(repo, "status", "--json").stdout))
+
+    assert changed_stages() == set()
+    try:
+        for path, expected in (("mnist_pipeline/params.py", {"split", "train", "evaluate", "plot", "record"}),
+                               ("mnist_pipeline/tracking.py", {"record"}),
+                               ("requirements.txt", {"split", "train", "evaluate", "plot", "record"})):
+            with (repo / path).open("a") as file:
+                file.write("\n# an edit\n")
+            assert changed_stages() == expected, path
+            git(repo, "checkout", path)
+    finally:
+        git(repo, "checkout", ".")

@@ -1,0 +1,97 @@
+"""One result, one MLflow run: the record stage, and store failures before and after training."""
+
+from __future__ import annotations
+
+import errno
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow.entities import LoggedModelStatus
+
+from mnist_pipeline.errors import run_stage
+from mnist_pipeline.store import resolve_store
+from stages import record
+from tests.conftest import REPO, project_env
+from tests.test_faults import STAGE_ARGS, assert_refused, snapshot
+from tests.test_stages import run_pipeline
+
+RECORD_ARGS = ["data/raw", "models/model.pt", "reports/train_log.csv", "reports/train.json", "reports/metrics.json",
+               "reports/predictions.csv", "reports/figures", "--marker", "reports/.recorded"]
+
+
+@pytest.fixture
+def done(workdir: Path, tiny_mnist: tuple) -> Path:
+    """A working folder where the whole pipeline has run on the tiny data."""
+    with pytest.MonkeyPatch.context() as patch:
+        run_pipeline(*tiny_mnist, patch)
+    return workdir
+
+
+def runs() -> list[mlflow.entities.Run]:
+    mlflow.set_tracking_uri(resolve_store().uri)
+    return mlflow.search_runs(search_all_experiments=True, output_format="list",
+                              order_by=["attributes.start_time ASC"])
+
+
+def record_main(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", ["record", *RECORD_ARGS])
+    run_stage(record.main)
+
+
+def test_a_result_restored_with_the_same_model_points_at_its_version(done: Path, monkeypatch) -> None:
+    """A plot-only change (train and evaluate skipped): a run of its own that points at the model's version."""
+    record_main(monkeypatch)
+    first, second = runs()
+    assert second.data.tags["model_sha256"] == first.data.tags["model_sha256"]
+    assert second.data.tags["model.version"] == first.data.tags["model.version"] == "mnist-cnn/1"
+    assert second.data.tags["model.run_id"] == first.info.run_id
+    assert "model.run_id" not in first.data.tags
+    assert len(mlflow.MlflowClient().search_model_versions("name = 'mnist-cnn'")) == 1
+    assert second.data.metrics == first.data.metrics and second.data.params == first.data.params
+
+
+def test_a_corrupt_store_stops_train_before_training(done: Path) -> None:
+    before = snapshot(done)
+    (done / "mlflow.db").write_bytes(b"garbage" * 1000)
+    result = subprocess.run(
+        [sys.executable, "-m", "stages.train", *STAGE_ARGS["train"]], cwd=done, capture_output=True, text=True,
+        env=project_env(PYTHONPATH=str(REPO), DVC_ROOT=str(done)), timeout=600,
+    )
+    assert_refused(result, f"MLflow store {done / 'mlflow.db'}: file is not a database", "move")
+    assert "Iteration" not in result.stdout  # no training
+    assert snapshot(done) == before
+
+
+@pytest.mark.parametrize("broken", ["artifacts", "model upload"])
+def test_a_store_failure_after_training_keeps_the_model_and_fails_the_run(done: Path, monkeypatch, broken) -> None:
+    marker = done / "reports/.recorded"
+    marker.unlink()
+    before = snapshot(done)
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    mlflow.set_tracking_uri(resolve_store().uri)
+    mlflow.MlflowClient().delete_model_version("mnist-cnn", "1")  # so that this result logs its model again
+    with monkeypatch.context() as patch, pytest.raises(SystemExit) as info:
+        if broken == "artifacts":
+            patch.setattr(shutil, "copy2", full)  # how MLflow copies artifacts into a local store
+        else:
+            patch.setattr(mlflow.MlflowClient, "log_model_artifacts", full)
+        record_main(patch)
+    message = str(info.value.code)
+    assert message.startswith("error: MLflow store sqlite:///") and "\n" not in message
+    assert "No space left on device" in message and "rerun the same `dvc repro`" in message
+    assert snapshot(done) == before and not marker.exists()  # the model and reports are kept, not recorded
+    failed = runs()[-1]
+    assert failed.info.status == "FAILED"
+    models = mlflow.search_logged_models(experiment_ids=[failed.info.experiment_id], output_format="list",
+                                         filter_string=f"source_run_id = '{failed.info.run_id}'")
+    assert [m.status for m in models] == ([LoggedModelStatus.FAILED] if broken == "model upload" else [])
+
+    record_main(monkeypatch)  # once the store is fixed, the same command records the result
+    assert runs()[-1].info.status == "FINISHED" and marker.exists()

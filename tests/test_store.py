@@ -1,0 +1,122 @@
+"""The MLflow store: relative URIs taken from the repo root, and a cheap check before any expensive work."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from mnist_pipeline import store, tracking
+from mnist_pipeline.store import StoreError, check_store, resolve_store
+
+
+@pytest.fixture
+def root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A repo root as DVC_ROOT, with the working folder elsewhere (DVC's temporary copy of the repo)."""
+    copy = tmp_path / "root/.dvc/tmp/exps/tmpcopy"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path / "root"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path / "root"
+
+
+@pytest.mark.parametrize("uri", ["", "sqlite:///mlflow.db", " sqlite:///mlflow.db "])
+def test_relative_sqlite_uri_is_the_repo_roots(root: Path, uri: str) -> None:
+    found = resolve_store({"MLFLOW_TRACKING_URI": uri})
+    assert found == store.Store(f"sqlite:///{root / 'mlflow.db'}", root / "mlflow.db", root / "mlartifacts")
+
+
+def test_absolute_sqlite_uri_and_server_are_kept(root: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "team/runs.db"
+    assert resolve_store({"MLFLOW_TRACKING_URI": f"sqlite:///{elsewhere}"}).artifacts == tmp_path / "team/mlartifacts"
+    assert resolve_store({"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000/"}) == store.Store("http://127.0.0.1:5000")
+
+
+@pytest.mark.parametrize("uri", ["mlruns", "file:///tmp/mlruns", "sqlite://", "sqlite:///:memory:"])
+def test_stores_that_would_lose_runs_are_refused(root: Path, uri: str) -> None:
+    with pytest.raises(StoreError, match="MLFLOW_TRACKING_URI="):
+        resolve_store({"MLFLOW_TRACKING_URI": uri})
+
+
+def test_a_run_from_a_temporary_copy_lands_in_the_root_store(root: Path) -> None:
+    """What `dvc exp run --temp` does with MLFLOW_TRACKING_URI=sqlite:///mlflow.db exported."""
+    found = resolve_store({"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"})
+    experiment_id = tracking.configure(found, "mnist")
+    with tracking.tracked_run(experiment_id=experiment_id) as run:
+        Path("figure.png").write_bytes(b"png")
+        mlflow.log_artifact("figure.png")
+    assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(root / "mlartifacts")
+    assert (root / "mlflow.db").exists() and not Path("mlflow.db").exists()
+    experiment = mlflow.get_experiment(experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def make_store(root: Path) -> store.Store:
+    found = resolve_store()
+    tracking.configure(found, "mnist")
+    return found
+
+
+def damage_one_page(path: Path) -> None:
+    """Overwrite one page in the middle of the database (not the header): what a bad disk sector does."""
+    connection = sqlite3.connect(path)
+    page_size = connection.execute("PRAGMA page_size").fetchone()[0]
+    connection.close()
+    data = bytearray(path.read_bytes())
+    page = len(data) // page_size // 2
+    data[page * page_size : (page + 1) * page_size] = b"\xa5" * page_size
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("damage", "words"),
+    [
+        (lambda p: p.write_bytes(b"this is not a database" * 100), "file is not a database"),
+        (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 3]), "malformed"),
+        (damage_one_page, "mlflow.db"),
+    ],
+    ids=["garbage", "truncated", "damaged-page"],
+)
+def test_a_corrupt_store_is_one_line(root: Path, damage, words: str) -> None:
+    found = make_store(root)
+    damage(root / "mlflow.db")
+    with pytest.raises(StoreError) as info:
+        check_store(found)
+    message = str(info.value)
+    assert "\n" not in message and words in message and str(root / "mlflow.db") in message
+    assert "move" in message  # what to do
+
+
+def test_an_unwritable_artifact_folder_is_one_line(root: Path) -> None:
+    found = make_store(root)
+    (root / "mlartifacts").rmdir() if (root / "mlartifacts").exists() else None
+    (root / "mlartifacts").write_text("a file where the folder should be")
+    with pytest.raises(StoreError, match="cannot write in .*mlartifacts"):
+        check_store(found)
+
+
+def test_a_full_disk_is_refused_before_the_work(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    found = make_store(root)
+    check_store(found)
+    monkeypatch.setattr(store, "MIN_FREE_BYTES", 1 << 60)  # more than any disk: as if this one were full
+    with pytest.raises(StoreError, match="MiB free in .*free some space"):
+        check_store(found)
+
+
+def test_a_real_full_disk_on_a_small_tmpfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mount = tmp_path / "small"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("this machine does not allow mounting a tmpfs; test_a_full_disk_is_refused_before_the_work simulates it")
+    try:
+        monkeypatch.chdir(mount)
+        monkeypatch.setenv("DVC_ROOT", str(mount))
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        with pytest.raises(StoreError, match=f"only [0-9]+ MiB free in {mount}"):
+            check_store(resolve_store())
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
