@@ -206,7 +206,8 @@ def cached_mnist(cache: Path, fallback: Iterable[sources.Source], files: tuple[M
     with (cache.parent / f"{cache.name}.lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not is_complete(cache, files):
-            sources.download_mnist(cache, fallback, files)
+            source = sources.download_mnist(cache, fallback, files)
+            print(f"real MNIST: verified files from {source}, kept in {cache}", file=sys.stderr)
     return cache
 
 
