@@ -9,7 +9,9 @@ from mnist_pipeline.sources import Source, fetch_from_mirror, to_url
 from tests.conftest import cached_mnist
 
 
-def test_filled_once_reused_and_refetched_when_damaged(tmp_path: Path, tiny_mnist: tuple[Path, tuple[MnistFile, ...]]) -> None:
+def test_filled_once_reused_and_refetched_when_damaged(
+    tmp_path: Path, tiny_mnist: tuple[Path, tuple[MnistFile, ...]]
+) -> None:
     folder, files = tiny_mnist
     fetches = []
 
