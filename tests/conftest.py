@@ -1,32 +1,36 @@
-"""Shared fixtures: tiny generated MNIST-shaped IDX files, a shrunk copy of the real params, the real data."""
+"""Shared fixtures: tiny generated MNIST-shaped IDX files, the pipeline run once on them, the real data."""
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
+import importlib
 import json
 import os
+import re
 import shutil
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable, Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
+from mnist_pipeline import sources
 from mnist_pipeline.data import MNIST_FILES, MnistFile
+from mnist_pipeline.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
-# The real MNIST files (gzipped) beside the clone; CI lays them there too.
-SHARED_MNIST = REPO.parent / "shared" / "mnist"
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -51,18 +55,23 @@ def tiny_arrays(n_train: int = 240, n_test: int = 60, seed: int = 0) -> dict[str
     return arrays
 
 
-@pytest.fixture
-def tiny_mnist(tmp_path: Path) -> tuple[Path, tuple[MnistFile, ...]]:
-    """A folder of tiny uncompressed IDX files and their MnistFile entries (names as MNIST's, own MD5s)."""
-    folder = tmp_path / "tiny"
-    folder.mkdir()
+def write_tiny(folder: Path) -> tuple[MnistFile, ...]:
+    """Write the tiny arrays to `folder` as uncompressed IDX files named as MNIST's; return their entries."""
+    folder.mkdir(parents=True, exist_ok=True)
     files = []
     arrays = tiny_arrays()
     for official in MNIST_FILES:
         data = idx_bytes(arrays[official.name])
         (folder / official.name).write_bytes(data)
         files.append(MnistFile(official.name, hashlib.md5(data).hexdigest(), len(data), official.ndim))
-    return folder, tuple(files)
+    return tuple(files)
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path: Path) -> tuple[Path, tuple[MnistFile, ...]]:
+    """A folder of tiny uncompressed IDX files and their MnistFile entries (names as MNIST's, own MD5s)."""
+    folder = tmp_path / "tiny"
+    return folder, write_tiny(folder)
 
 
 def gzip_folder(src: Path, dest: Path) -> Path:
@@ -82,24 +91,140 @@ def shrunk_params(**train: object) -> dict:
     return params
 
 
-@pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A temporary working folder holding a shrunk params.yaml, with MLflow's store inside it."""
-    work = tmp_path / "work"
-    work.mkdir()
-    (work / "params.yaml").write_text(yaml.safe_dump(shrunk_params(), sort_keys=False))
+def enter(work: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Work in `work` as DVC runs a stage there: the current folder and DVC_ROOT, MLflow's default store inside."""
     monkeypatch.chdir(work)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(work))
     return work
 
 
+def make_workdir(work: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh working folder holding a shrunk params.yaml, entered."""
+    work.mkdir(parents=True)
+    (work / "params.yaml").write_text(yaml.safe_dump(shrunk_params(), sort_keys=False))
+    return enter(work, monkeypatch)
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A temporary working folder holding a shrunk params.yaml, with MLflow's store inside it."""
+    return make_workdir(tmp_path / "work", monkeypatch)
+
+
+@pytest.fixture
+def raw_data(workdir: Path) -> Path:
+    """A working folder holding only the tiny data in data/raw, as the download stage leaves it."""
+    write_tiny(workdir / pipeline_commands()["download"][0])
+    return workdir
+
+
+def pipeline_commands() -> dict[str, list[str]]:
+    """Each stage's arguments, in pipeline order, from dvc.yaml's `python -m stages.<name> ...` commands."""
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    values = {
+        f"{group}.{key}": value
+        for entry in spec.get("vars", []) if isinstance(entry, dict)
+        for group, section in entry.items() for key, value in section.items()
+    }
+    commands = {}
+    for name, stage in spec["stages"].items():
+        words = re.sub(r"\$\{([\w.]+)\}", lambda m: str(values[m[1]]), stage["cmd"]).split()
+        if words[:3] != ["python", "-m", f"stages.{name}"]:
+            raise ValueError(f"dvc.yaml: stage {name}: expected `python -m stages.{name} ...`, got {stage['cmd']!r}")
+        commands[name] = words[3:]
+    return commands
+
+
+def run_pipeline(folder: Path, files: tuple[MnistFile, ...], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every stage's main() in dvc.yaml's order, in this process and the current folder, on the given data."""
+    monkeypatch.setenv(sources.MIRROR_ENV, str(folder))
+    monkeypatch.setattr(sources, "MNIST_FILES", files)
+    for name, args in pipeline_commands().items():
+        monkeypatch.setattr(sys, "argv", [f"stages.{name}", *args])
+        importlib.import_module(f"stages.{name}").main()
+
+
+def copy_workdir(src: Path, dest: Path) -> Path:
+    """Copy a working folder; the absolute paths under `src` that MLflow's store records now lead into the copy."""
+    shutil.copytree(src, dest, symlinks=True)
+    store = dest / "mlflow.db"
+    if store.exists():
+        old, new = f"{src}/", f"{dest}/"
+        with closing(sqlite3.connect(store)) as db, db:
+            tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            for table in tables:
+                for column in [row[1] for row in db.execute(f'PRAGMA table_info("{table}")')]:
+                    db.execute(
+                        f'UPDATE "{table}" SET "{column}" = replace("{column}", ?, ?) '
+                        f'WHERE typeof("{column}") = \'text\' AND instr("{column}", ?) > 0',
+                        (old, new, old),
+                    )
+    return dest
+
+
 @pytest.fixture(scope="session")
-def shared_mnist() -> Path:
-    """The real MNIST files; their absence is an error, not a skip."""
-    if not (SHARED_MNIST / "train-images-idx3-ubyte.gz").exists():
-        pytest.fail(f"the real MNIST files are expected in {SHARED_MNIST}")
-    return SHARED_MNIST
+def built_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A working folder where the whole pipeline ran once on the tiny data; tests take copies (`pipeline`)."""
+    root = tmp_path_factory.mktemp("built")
+    with pytest.MonkeyPatch.context() as patch:
+        work = make_workdir(root / "work", patch)
+        run_pipeline(root / "tiny", write_tiny(root / "tiny"), patch)
+    return work
+
+
+@pytest.fixture
+def pipeline(built_pipeline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """This test's own copy of the finished tiny pipeline, entered."""
+    return enter(copy_workdir(built_pipeline, tmp_path / "work"), monkeypatch)
+
+
+def mnist_cache() -> Path:
+    """Where the tests keep the real MNIST files: the user's cache folder, outside any clone."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "mnist-pipeline" / "mnist"
+
+
+def is_complete(folder: Path, files: tuple[MnistFile, ...]) -> bool:
+    """Whether `folder` holds each file with its size and MD5."""
+    for file in files:
+        path = folder / file.name
+        if not path.is_file() or path.stat().st_size != file.size:
+            return False
+        with path.open("rb") as stream:
+            if hashlib.file_digest(stream, "md5").hexdigest() != file.md5:
+                return False
+    return True
+
+
+def cached_mnist(cache: Path, fallback: Iterable[sources.Source], files: tuple[MnistFile, ...] = MNIST_FILES) -> Path:
+    """`cache` holding the verified files: reused when complete, else filled from `fallback` by the download code.
+
+    A file lock beside the cache lets parallel test processes share it: the first downloads, the others wait.
+    """
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with (cache.parent / f"{cache.name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not is_complete(cache, files):
+            source = sources.download_mnist(cache, fallback, files)
+            print(f"real MNIST: verified files from {source}, kept in {cache}", file=sys.stderr)
+    return cache
+
+
+@pytest.fixture(scope="session")
+def real_mnist() -> Path:
+    """The real MNIST files, uncompressed and verified, fetched once per machine into the user's cache folder."""
+    timeout = load_params(REPO / "params.yaml").download.timeout_s
+    cache = mnist_cache()
+    try:
+        return cached_mnist(cache, sources.default_sources(timeout))
+    except sources.SourceError as err:
+        failure = str(err)
+    pytest.fail(
+        f"the slow tests need the real MNIST files in {cache}, and the download stage's sources failed: {failure}\n"
+        f"Set {sources.MIRROR_ENV} to a folder (or URL) holding the four files, gzipped or not, and run again.",
+        pytrace=False,
+    )
 
 
 GIT_IDENTITY = {

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 
 from mnist_pipeline.data import IdxError, load_mnist, read_images, read_labels
-from tests.conftest import idx_bytes, tiny_arrays
+from tests.conftest import idx_bytes, tiny_arrays, write_tiny
 
 
 @pytest.fixture
 def raw(tmp_path: Path) -> Path:
-    for name, array in tiny_arrays().items():
-        (tmp_path / name).write_bytes(idx_bytes(array))
+    write_tiny(tmp_path)
     return tmp_path
 
 

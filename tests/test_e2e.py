@@ -13,10 +13,10 @@ import yaml
 from tests.conftest import copy_project, dvc
 
 @pytest.mark.slow
-def test_dvc_repro_on_real_data_reproduces_the_committed_results(tmp_path: Path, shared_mnist: Path) -> None:
+def test_dvc_repro_on_real_data_reproduces_the_committed_results(tmp_path: Path, real_mnist: Path) -> None:
     clone = copy_project(tmp_path / "clone")
     assert (clone / "dvc.lock").exists(), "dvc.lock must be committed from a real run"
-    dvc(clone, "repro", MNIST_MIRROR=str(shared_mnist))
+    dvc(clone, "repro", MNIST_MIRROR=str(real_mnist))
 
     # Same params and data give the same bytes: the committed lock file and reports are unchanged.
     diff = subprocess.run(["git", "status", "--porcelain", "--", "dvc.lock", "reports"], cwd=clone,

@@ -1,4 +1,7 @@
-"""Comparing runs as DVC and MLflow users do, with the real commands on the real data (1-epoch training)."""
+"""Comparing runs as DVC and MLflow users do, with the real commands on the real data (1-epoch training).
+
+The baseline is reproduced once; each test works in its own copy of it and makes the experiments it checks.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ import csv
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +22,7 @@ import yaml
 
 from mnist_pipeline.data import load_mnist
 from mnist_pipeline.training import to_tensor
-from tests.conftest import REPO, copy_project, dvc, free_port, get_json, project_env, serving
+from tests.conftest import REPO, copy_project, copy_workdir, dvc, free_port, get_json, project_env, serving
 
 pytestmark = pytest.mark.slow
 # The real params with training shrunk to one epoch, reported every 100 iterations.
@@ -33,15 +35,21 @@ CHROMIUM = [
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, shared_mnist: Path) -> Path:
+def baseline(tmp_path_factory: pytest.TempPathFactory, real_mnist: Path) -> Path:
     """A copy of the project whose baseline (training shrunk to one epoch) is reproduced and committed."""
     root = copy_project(tmp_path_factory.mktemp("experiments") / "repo")
     (root / "params.yaml").write_text(yaml.safe_dump(BASELINE, sort_keys=False))
-    dvc(root, "repro", MNIST_MIRROR=str(shared_mnist))
+    dvc(root, "repro", MNIST_MIRROR=str(real_mnist))
     env = project_env()
     subprocess.run(["git", "add", "-A"], cwd=root, check=True, env=env)
     subprocess.run(["git", "commit", "-qm", "baseline: one epoch"], cwd=root, check=True, env=env)
     return root
+
+
+@pytest.fixture
+def repo(baseline: Path, tmp_path: Path) -> Path:
+    """This test's own copy of the baseline repo (git, DVC cache, MLflow store): no other test's runs in it."""
+    return copy_workdir(baseline, tmp_path / "repo")
 
 
 def report_steps() -> list[int]:
@@ -104,6 +112,7 @@ def test_plots_show_and_diff_draw_in_chromium(repo: Path, tmp_path: Path) -> Non
 
 
 def test_queued_grid_and_temp_runs_land_in_the_root_store(repo: Path) -> None:
+    dvc(repo, "exp", "run", "-n", "lr-0001", "-S", "train.lr=0.001")  # the grid's 0.001 repeats it
     dvc(repo, "exp", "run", "--queue", "-S", "train.lr=0.0005,0.001,0.002")
     dvc(repo, "queue", "start", "-j", "2")
     deadline = time.monotonic() + 900
@@ -146,8 +155,11 @@ def test_queued_grid_and_temp_runs_land_in_the_root_store(repo: Path) -> None:
 
 
 def test_apply_and_branch_of_the_best_experiment_are_up_to_date(repo: Path) -> None:
+    for lr in ("0.002", "0.005"):
+        dvc(repo, "exp", "run", "-S", f"train.lr={lr}")
     table = exp_table(repo)
     experiments = [r for r in table.values() if r["typ"] != "baseline"]
+    assert len(experiments) == 2
     best = max(experiments, key=lambda r: float(r["test.accuracy"]))["Experiment"]
     dvc(repo, "exp", "apply", best)
     assert "Data and pipelines are up to date." in dvc(repo, "repro").stdout
@@ -166,6 +178,8 @@ def test_apply_and_branch_of_the_best_experiment_are_up_to_date(repo: Path) -> N
 
 
 def test_mlflow_ui_shows_every_run(repo: Path, tmp_path: Path) -> None:
+    runs_before = len(mlflow_runs(repo))
+    dvc(repo, "exp", "run", "-n", "lr-0001", "-S", "train.lr=0.001")
     port = free_port()
     # `mlflow ui` in the repo root with no flags but the port: the default store is the repo's.
     with serving(["mlflow", "ui", "--port", str(port)], port, "/health", repo, project_env()) as base:
@@ -173,7 +187,8 @@ def test_mlflow_ui_shows_every_run(repo: Path, tmp_path: Path) -> None:
         experiments = get_json(f"{api}/experiments/search", {"max_results": 100})["experiments"]
         by_name = {e["name"]: e["experiment_id"] for e in experiments}
         found = get_json(f"{api}/runs/search", {"experiment_ids": [by_name["mnist"]], "max_results": 100})["runs"]
-        assert len(found) == len(mlflow_runs(repo))
+        # the baseline's run and lr-0001's
+        assert len(found) == len(mlflow_runs(repo)) == runs_before + 1
         for experiment_id in set(by_name.values()) - {by_name["mnist"]}:
             assert not get_json(f"{api}/runs/search", {"experiment_ids": [experiment_id]}).get("runs")
         for run in found:
@@ -196,8 +211,7 @@ def test_mlflow_ui_shows_every_run(repo: Path, tmp_path: Path) -> None:
         assert "mnist" in dom, dom[-2000:]
 
 
-def test_registered_model_predicts_and_serves_like_the_metrics(repo: Path, shared_mnist: Path) -> None:
-    shutil.rmtree(repo / "downloads", ignore_errors=True)
+def test_registered_model_predicts_and_serves_like_the_metrics(repo: Path) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     client = mlflow.MlflowClient()
     version = max(client.search_model_versions("name = 'mnist-cnn'"), key=lambda v: int(v.version))

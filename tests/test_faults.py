@@ -21,17 +21,13 @@ import torch
 import yaml
 from torchvision.datasets import MNIST
 
-from mnist_pipeline import files
+from mnist_pipeline import files, sources
+from mnist_pipeline.data import MnistFile
 from mnist_pipeline.errors import PipelineError, run_stage
-from stages import download, train
-from tests.conftest import REPO, free_port, project_env
-from tests.test_stages import run_pipeline
+from stages import download, evaluate, train
+from tests.conftest import REPO, free_port, idx_bytes, pipeline_commands, project_env, tiny_arrays
 
-STAGE_ARGS = {
-    "split": ["data/raw", "data/split"],
-    "train": ["data/raw", "data/split", "models/model.pt", "reports/train_log.csv", "reports/train.json"],
-    "evaluate": ["data/raw", "models/model.pt", "reports/metrics.json", "reports/predictions.csv"],
-}
+STAGE_ARGS = pipeline_commands()
 
 
 def snapshot(root: Path) -> dict[str, str]:
@@ -51,11 +47,16 @@ def stage(root: Path, name: str, *flags: str, **env: str) -> subprocess.Complete
 
 
 @pytest.fixture
-def done(workdir: Path, tiny_mnist: tuple) -> Path:
-    """A working folder where the whole pipeline has run on the tiny data."""
-    with pytest.MonkeyPatch.context() as patch:
-        run_pipeline(*tiny_mnist, patch)
-    return workdir
+def done(pipeline: Path) -> Path:
+    """A working folder where the whole pipeline has run on the tiny data (this test's own copy)."""
+    return pipeline
+
+
+def runs(root: Path) -> list[mlflow.entities.Run]:
+    """The runs in the working folder's MLflow store, newest first."""
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    return mlflow.search_runs(search_all_experiments=True, order_by=["attributes.start_time DESC"],
+                              output_format="list")
 
 
 def assert_refused(result: subprocess.CompletedProcess[str], *words: str) -> None:
@@ -85,10 +86,10 @@ def test_bad_params_change_nothing(done: Path, edit, key: str, stage_name: str) 
     params = yaml.safe_load(Path("params.yaml").read_text())
     edit(params)
     Path("params.yaml").write_text(yaml.safe_dump(params))
-    runs_before = len(mlflow.search_runs(search_all_experiments=True, output_format="list"))
+    runs_before = len(runs(done))
     assert_refused(stage(done, stage_name), "params.yaml", key)
     assert snapshot(done) == before
-    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == runs_before
+    assert len(runs(done)) == runs_before
 
 
 def damage_header(offset: int, data: bytes):
@@ -110,21 +111,21 @@ def damage_header(offset: int, data: bytes):
     ],
 )
 @pytest.mark.parametrize("optimize", [[], ["-O"]], ids=["plain", "python-O"])
-def test_bad_data_files_change_nothing(done: Path, name: str, damage, words: list[str], optimize: list[str]) -> None:
-    damage(done / "data/raw" / name)
-    before = snapshot(done)
-    assert_refused(stage(done, "split", *optimize), f"data/raw/{name}", *words)
-    assert snapshot(done) == before
+def test_bad_data_files_change_nothing(
+    raw_data: Path, name: str, damage, words: list[str], optimize: list[str]
+) -> None:
+    damage(raw_data / "data/raw" / name)
+    before = snapshot(raw_data)
+    assert_refused(stage(raw_data, "split", *optimize), f"data/raw/{name}", *words)
+    assert snapshot(raw_data) == before
 
 
-def test_image_and_label_counts_that_disagree(done: Path) -> None:
-    from tests.conftest import idx_bytes, tiny_arrays
-
+def test_image_and_label_counts_that_disagree(raw_data: Path) -> None:
     labels = tiny_arrays()["train-labels-idx1-ubyte"][:-1]
-    (done / "data/raw/train-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
-    before = snapshot(done)
-    assert_refused(stage(done, "split", "-O"), "train-labels-idx1-ubyte", "239 labels", "240 images")
-    assert snapshot(done) == before
+    (raw_data / "data/raw/train-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    before = snapshot(raw_data)
+    assert_refused(stage(raw_data, "split", "-O"), "train-labels-idx1-ubyte", "239 labels", "240 images")
+    assert snapshot(raw_data) == before
 
 
 class Exploit:
@@ -138,7 +139,9 @@ class Exploit:
 
 
 @pytest.mark.parametrize("kind", ["garbage", "exploit", "wrong-shapes"])
-def test_a_model_file_that_is_not_the_model_is_refused(done: Path, kind: str, tmp_path: Path) -> None:
+def test_a_model_file_that_is_not_the_model_is_refused(
+    done: Path, kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     marker = tmp_path / "pwned"
     model = done / "models/model.pt"
     if kind == "garbage":
@@ -149,18 +152,23 @@ def test_a_model_file_that_is_not_the_model_is_refused(done: Path, kind: str, tm
     else:
         torch.save({"fc1.weight": torch.zeros(3, 3)}, model)
     before = snapshot(done)
-    assert_refused(stage(done, "evaluate"), "models/model.pt")
+    monkeypatch.setattr(sys, "argv", ["evaluate", *STAGE_ARGS["evaluate"]])
+    with pytest.raises(SystemExit) as info:
+        run_stage(evaluate.main)  # in this process: evaluate's start-up alone takes seconds
+    assert str(info.value.code).startswith("error: models/model.pt: ")
     assert not marker.exists()
     assert snapshot(done) == before
 
 
 @pytest.fixture
-def slow_mirror(shared_mnist: Path) -> Iterator[str]:
-    """The real gzipped files served from 127.0.0.1 at about 1 MB/s, so that a download can be killed midway."""
+def stalling_mirror(tiny_mnist: tuple[Path, tuple[MnistFile, ...]]) -> Iterator[str]:
+    """The tiny files served from 127.0.0.1, each answer stalling halfway, so that a download is killed midway."""
+    folder, _ = tiny_mnist
+    release = threading.Event()
 
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802
-            path = shared_mnist / self.path.lstrip("/")
+            path = folder / self.path.lstrip("/")
             if not path.is_file():
                 self.send_error(404)
                 return
@@ -168,9 +176,13 @@ def slow_mirror(shared_mnist: Path) -> Iterator[str]:
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            for start in range(0, len(data), 64 << 10):
-                self.wfile.write(data[start : start + (64 << 10)])
-                time.sleep(0.05)
+            try:
+                self.wfile.write(data[: len(data) // 2])
+                self.wfile.flush()
+                release.wait(timeout=120)
+                self.wfile.write(data[len(data) // 2 :])
+            except OSError:
+                pass  # the client was killed
 
         def log_message(self, *args: object) -> None:
             pass
@@ -178,32 +190,37 @@ def slow_mirror(shared_mnist: Path) -> Iterator[str]:
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}/"
+    release.set()
     server.shutdown()
     server.server_close()
 
 
-def test_sigkill_during_download_leaves_nothing_partial(tmp_path: Path, slow_mirror: str, shared_mnist: Path) -> None:
-    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    env = project_env(PYTHONPATH=str(REPO), MNIST_MIRROR=slow_mirror)
-    process = subprocess.Popen([sys.executable, "-m", "stages.download", "data/raw"], cwd=tmp_path, env=env,
+def test_sigkill_during_download_leaves_nothing_partial(
+    workdir: Path, stalling_mirror: str, tiny_mnist: tuple[Path, tuple[MnistFile, ...]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = Path(STAGE_ARGS["download"][0])
+    env = project_env(PYTHONPATH=str(REPO), MNIST_MIRROR=stalling_mirror)
+    process = subprocess.Popen([sys.executable, "-m", "stages.download", str(raw)], cwd=workdir, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partial = None
-    while partial is None and process.poll() is None:
-        found = [p for p in (tmp_path / "data").glob(".raw.partial-*") if any(p.iterdir())] \
-            if (tmp_path / "data").exists() else []
-        partial = found[0] if found else None
+    # Kill it while it reads a file into the partial folder: the server holds back the second half of each file.
+    receiving = []
+    deadline = time.monotonic() + 120
+    while not receiving and process.poll() is None and time.monotonic() < deadline:
+        receiving = list(raw.parent.glob(f".{raw.name}.partial-*/*")) if raw.parent.exists() else []
         time.sleep(0.05)
-    time.sleep(0.5)
     process.send_signal(signal.SIGKILL)
     process.wait()
-    assert partial is not None and process.returncode == -signal.SIGKILL
-    assert not (tmp_path / "data/raw").exists()  # the output path never held a partial file
+    assert receiving and process.returncode == -signal.SIGKILL
+    assert not raw.exists()  # the output path never held a partial file
 
-    result = subprocess.run([sys.executable, "-m", "stages.download", "data/raw"], cwd=tmp_path, timeout=600,
-                            env=project_env(PYTHONPATH=str(REPO), MNIST_MIRROR=str(shared_mnist)))
-    assert result.returncode == 0
-    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["raw"]  # the stale partial folder is gone
-    assert len(list((tmp_path / "data/raw").iterdir())) == 4
+    # The next run (from a mirror that works) removes the stale partial folder.
+    folder, files = tiny_mnist
+    monkeypatch.setenv("MNIST_MIRROR", str(folder))
+    monkeypatch.setattr(sources, "MNIST_FILES", files)
+    monkeypatch.setattr(sys, "argv", ["download", str(raw)])
+    run_stage(download.main)
+    assert sorted(p.name for p in raw.parent.iterdir()) == [raw.name]
+    assert sorted(p.name for p in raw.iterdir()) == sorted(f.name for f in files)
 
 
 def test_all_sources_failing_is_one_error_and_keeps_the_data(
@@ -240,7 +257,7 @@ def test_sigterm_during_training_keeps_the_old_model_and_records_nothing(done: P
     process.communicate(timeout=120)
     assert process.returncode != 0
     assert snapshot(done) == before
-    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == 1  # the pipeline's own
+    assert len(runs(done)) == 1  # the pipeline's own: training records nothing
 
 
 def test_disk_full_while_saving_the_model(done: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -256,6 +273,7 @@ def test_disk_full_while_saving_the_model(done: Path, monkeypatch: pytest.Monkey
     assert str(info.value.code) == "error: cannot write models/model.pt: No space left on device; it is left as it was"
     assert snapshot(done) == before
     assert not [p for p in (done / "models").iterdir() if p.name != "model.pt"]
+    assert len(runs(done)) == 1  # the pipeline's own: training records nothing
 
     train.main()  # the next run recovers, and training is deterministic: the same bytes again
     assert snapshot(done) == before

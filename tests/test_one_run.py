@@ -14,7 +14,7 @@ import mlflow
 import pytest
 import yaml
 
-from tests.conftest import REPO, copy_project, dvc, project_env
+from tests.conftest import REPO, copy_project, copy_workdir, dvc, project_env
 
 pytestmark = pytest.mark.slow
 BASELINE = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -27,22 +27,21 @@ def git(root: Path, *args: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, shared_mnist: Path) -> Path:
+def baseline(tmp_path_factory: pytest.TempPathFactory, real_mnist: Path) -> Path:
     """A clone whose baseline (one epoch) is committed, then reproduced and committed as a user would."""
     root = copy_project(tmp_path_factory.mktemp("one-run") / "repo")
     (root / "params.yaml").write_text(yaml.safe_dump(BASELINE, sort_keys=False))
     git(root, "commit", "-qam", "one epoch")
-    dvc(root, "repro", MNIST_MIRROR=str(shared_mnist))
+    dvc(root, "repro", MNIST_MIRROR=str(real_mnist))
     git(root, "add", "-A")
     git(root, "commit", "-qm", "baseline results")
     return root
 
 
 @pytest.fixture
-def clean(repo: Path) -> None:
-    """The workspace back at the committed baseline: no test relies on what another left in it."""
-    git(repo, "reset", "-q", "--hard")
-    dvc(repo, "checkout", "--force")
+def repo(baseline: Path, tmp_path: Path) -> Path:
+    """This test's own copy of the baseline repo (git, DVC cache, MLflow store): no other test's runs in it."""
+    return copy_workdir(baseline, tmp_path / "repo")
 
 
 def runs(root: Path, name: str | None = None) -> list[mlflow.entities.Run]:
@@ -64,7 +63,7 @@ def artifact_bytes(root: Path, run: mlflow.entities.Run) -> dict[str, bytes]:
 
 
 def test_the_baseline_run_is_complete_and_clean(repo: Path) -> None:
-    run = runs(repo, "workspace")[0]  # the fixture's `dvc repro`
+    (run,) = runs(repo)  # the baseline's `dvc repro`
     assert run.info.run_name == "workspace" and run.info.status == "FINISHED"
     assert run.data.tags["git.dirty"] == "false"
     assert run.data.tags["train.device"] == "cpu" and run.data.metrics["train.world_size"] == 1
@@ -80,7 +79,7 @@ def test_the_baseline_run_is_complete_and_clean(repo: Path) -> None:
     assert mlflow.MlflowClient().get_model_version(name, version).run_id == run.info.run_id
 
 
-def test_temp_run_with_a_relative_uri_lands_in_the_root_store(repo: Path, clean: None) -> None:
+def test_temp_run_with_a_relative_uri_lands_in_the_root_store(repo: Path) -> None:
     dvc(repo, "exp", "run", "--temp", "-n", "temp-rel", "-S", "train.lr=0.003",
         MLFLOW_TRACKING_URI="sqlite:///mlflow.db")
     assert not list((repo / ".dvc/tmp/exps").glob("tmp*"))  # DVC deleted its copy
@@ -93,7 +92,7 @@ def test_temp_run_with_a_relative_uri_lands_in_the_root_store(repo: Path, clean:
     assert model.run_id == run.info.run_id and model.tags["dvc.exp_name"] == "temp-rel"
 
 
-def test_a_plot_only_experiment_is_its_own_run_and_leaves_the_trained_one_alone(repo: Path, clean: None) -> None:
+def test_a_plot_only_experiment_is_its_own_run_and_leaves_the_trained_one_alone(repo: Path) -> None:
     dvc(repo, "exp", "run", "-n", "a", "-S", "train.lr=0.002")
     (a,) = runs(repo, "a")
     a_files = artifact_bytes(repo, a)
@@ -113,7 +112,7 @@ def test_a_plot_only_experiment_is_its_own_run_and_leaves_the_trained_one_alone(
     assert b.data.metrics["test.accuracy"] == a.data.metrics["test.accuracy"]
 
 
-def test_a_queued_run_restored_from_the_run_cache_has_its_run(repo: Path, clean: None) -> None:
+def test_a_queued_run_restored_from_the_run_cache_has_its_run(repo: Path) -> None:
     # The baseline's own params: DVC restores train, evaluate and plot from the baseline's run-cache.
     dvc(repo, "exp", "run", "--queue", "-n", "again-baseline", "-S", f"train.lr={BASELINE['train']['lr']}")
     dvc(repo, "queue", "start", "-j", "1")
@@ -123,13 +122,13 @@ def test_a_queued_run_restored_from_the_run_cache_has_its_run(repo: Path, clean:
         time.sleep(2)
     assert "Success" in status, status
     (run,) = runs(repo, "again-baseline")
-    (baseline,) = runs(repo, "workspace")[:1]
-    assert run.info.status == "FINISHED" and run.data.tags["model.run_id"] == baseline.info.run_id
-    assert run.data.metrics["test.accuracy"] == baseline.data.metrics["test.accuracy"]
+    (first,) = runs(repo, "workspace")
+    assert run.info.status == "FINISHED" and run.data.tags["model.run_id"] == first.info.run_id
+    assert run.data.metrics["test.accuracy"] == first.data.metrics["test.accuracy"]
     assert run.data.tags["dvc.exp_name"] == "again-baseline"
 
 
-def test_every_experiment_dvc_lists_has_a_run_found_by_dvc_metric_names(repo: Path, clean: None) -> None:
+def test_every_experiment_dvc_lists_has_a_run_found_by_dvc_metric_names(repo: Path) -> None:
     dvc(repo, "exp", "run", "--temp", "-n", "listed", "-S", "plot.n_images=16")  # one experiment at least
     names = exp_names(repo)
     assert "listed" in names
@@ -145,7 +144,7 @@ def test_every_experiment_dvc_lists_has_a_run_found_by_dvc_metric_names(repo: Pa
     assert len(good) == len(ordered)
 
 
-def test_gone_experiments_are_listed_then_deleted_restorably(repo: Path, clean: None) -> None:
+def test_gone_experiments_are_listed_then_deleted_restorably(repo: Path) -> None:
     command = [sys.executable, "-m", "mnist_pipeline.gone_runs"]
     env = project_env(PYTHONPATH=str(repo))
     dvc(repo, "exp", "run", "--temp", "-n", "to-remove", "-S", "plot.n_images=4")
@@ -170,7 +169,7 @@ def test_gone_experiments_are_listed_then_deleted_restorably(repo: Path, clean: 
     assert runs(repo, "to-remove")
 
 
-def test_a_corrupt_store_stops_dvc_exp_run_before_training(repo: Path, clean: None) -> None:
+def test_a_corrupt_store_stops_dvc_exp_run_before_training(repo: Path) -> None:
     database = repo / "mlflow.db"
     saved = database.read_bytes()
     database.write_bytes(b"garbage" * 1000)
@@ -192,7 +191,7 @@ def test_a_corrupt_store_stops_dvc_exp_run_before_training(repo: Path, clean: No
     assert "Data and pipelines are up to date." in dvc(repo, "status").stdout
 
 
-def test_dependencies_are_exact(repo: Path, clean: None) -> None:
+def test_dependencies_are_exact(repo: Path) -> None:
     def changed_stages() -> set[str]:
         return set(json.loads(dvc(repo, "status", "--json").stdout))
 

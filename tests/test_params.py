@@ -84,9 +84,3 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     broken.write_text("train: [unclosed\n")
     with pytest.raises(ParamsError, match="is not valid YAML"):
         load_params(broken)
-
-
-def test_params_are_frozen() -> None:
-    params = load_params(REPO / "params.yaml")
-    with pytest.raises(AttributeError):
-        params.train.lr = 1.0  # type: ignore[misc]

@@ -15,20 +15,16 @@ from mlflow.entities import LoggedModelStatus
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.store import resolve_store
 from stages import record
-from tests.conftest import REPO, project_env
-from tests.test_faults import STAGE_ARGS, assert_refused, snapshot
-from tests.test_stages import run_pipeline
+from tests.conftest import REPO, pipeline_commands, project_env
+from tests.test_faults import assert_refused, snapshot
 
-RECORD_ARGS = ["data/raw", "models/model.pt", "reports/train_log.csv", "reports/train.json", "reports/metrics.json",
-               "reports/predictions.csv", "reports/figures", "--marker", "reports/.recorded"]
+MARKER = Path(pipeline_commands()["record"][-1])
 
 
 @pytest.fixture
-def done(workdir: Path, tiny_mnist: tuple) -> Path:
-    """A working folder where the whole pipeline has run on the tiny data."""
-    with pytest.MonkeyPatch.context() as patch:
-        run_pipeline(*tiny_mnist, patch)
-    return workdir
+def done(pipeline: Path) -> Path:
+    """This test's copy of a working folder where the whole pipeline ran on the tiny data."""
+    return pipeline
 
 
 def runs() -> list[mlflow.entities.Run]:
@@ -38,7 +34,7 @@ def runs() -> list[mlflow.entities.Run]:
 
 
 def record_main(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sys, "argv", ["record", *RECORD_ARGS])
+    monkeypatch.setattr(sys, "argv", ["record", *pipeline_commands()["record"]])
     run_stage(record.main)
 
 
@@ -58,7 +54,7 @@ def test_a_corrupt_store_stops_train_before_training(done: Path) -> None:
     before = snapshot(done)
     (done / "mlflow.db").write_bytes(b"garbage" * 1000)
     result = subprocess.run(
-        [sys.executable, "-m", "stages.train", *STAGE_ARGS["train"]], cwd=done, capture_output=True, text=True,
+        [sys.executable, "-m", "stages.train", *pipeline_commands()["train"]], cwd=done, capture_output=True, text=True,
         env=project_env(PYTHONPATH=str(REPO), DVC_ROOT=str(done)), timeout=600,
     )
     assert_refused(result, f"MLflow store {done / 'mlflow.db'}: file is not a database", "move")
@@ -68,7 +64,7 @@ def test_a_corrupt_store_stops_train_before_training(done: Path) -> None:
 
 @pytest.mark.parametrize("broken", ["artifacts", "model upload"])
 def test_a_store_failure_after_training_keeps_the_model_and_fails_the_run(done: Path, monkeypatch, broken) -> None:
-    marker = done / "reports/.recorded"
+    marker = done / MARKER
     marker.unlink()
     before = snapshot(done)
 

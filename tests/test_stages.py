@@ -1,4 +1,7 @@
-"""Smoke runs of every stage's main() on tiny generated IDX files, MLflow's store in a temporary folder."""
+"""Smoke runs of every stage's main() on tiny generated IDX files, MLflow's store in a temporary folder.
+
+The stages run once per test session (conftest's `built_pipeline`); each test here gets its own copy.
+"""
 
 from __future__ import annotations
 
@@ -10,44 +13,16 @@ import mlflow
 import numpy as np
 import pytest
 
-from mnist_pipeline import sources, tracking
+from mnist_pipeline import tracking
 from mnist_pipeline.data import MnistFile
 from mnist_pipeline.files import sha256_file
 from mnist_pipeline.store import resolve_store
-from stages import download, evaluate, plot, record, split, train
-from tests.conftest import free_port, get_json, project_env, serving
+from tests.conftest import free_port, get_json, idx_bytes, project_env, run_pipeline, serving, tiny_arrays
 
 
-def run_stage(module, monkeypatch: pytest.MonkeyPatch, *args: str) -> None:
-    monkeypatch.setattr(sys, "argv", [module.__name__, *args])
-    module.main()
-
-
-def run_pipeline(folder: Path, files: tuple[MnistFile, ...], monkeypatch: pytest.MonkeyPatch) -> None:
-    """All six stages in order on the tiny data, in the current folder."""
-    monkeypatch.setenv("MNIST_MIRROR", str(folder))
-    monkeypatch.setattr(sources, "MNIST_FILES", files)
-    run_stage(download, monkeypatch, "data/raw")
-    run_stage(split, monkeypatch, "data/raw", "data/split")
-    run_stage(train, monkeypatch, "data/raw", "data/split", "models/model.pt",
-              "reports/train_log.csv", "reports/train.json")
-    run_stage(evaluate, monkeypatch, "data/raw", "models/model.pt", "reports/metrics.json", "reports/predictions.csv")
-    run_stage(plot, monkeypatch, "data/raw", "reports/predictions.csv", "reports/figures")
-    run_stage(record, monkeypatch, "data/raw", "models/model.pt", "reports/train_log.csv", "reports/train.json",
-              "reports/metrics.json", "reports/predictions.csv", "reports/figures", "--marker", "reports/.recorded")
-
-
-@pytest.fixture
-def pipeline(workdir: Path, tiny_mnist: tuple[Path, tuple[MnistFile, ...]], monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The working folder after all six stages ran on the tiny data."""
-    run_pipeline(*tiny_mnist, monkeypatch)
-    return workdir
-
-
-def test_stage_outputs(pipeline: Path, tiny_mnist: tuple[Path, tuple[MnistFile, ...]]) -> None:
-    folder, _ = tiny_mnist
-    for path in folder.iterdir():
-        assert (pipeline / "data/raw" / path.name).read_bytes() == path.read_bytes()
+def test_stage_outputs(pipeline: Path) -> None:
+    for name, array in tiny_arrays().items():
+        assert (pipeline / "data/raw" / name).read_bytes() == idx_bytes(array)
     train_idx, val_idx = np.load("data/split/train.npy"), np.load("data/split/val.npy")
     assert (len(train_idx), len(val_idx)) == (168, 72)
     assert sorted(np.concatenate([train_idx, val_idx])) == list(range(240))
@@ -95,6 +70,7 @@ def test_one_mlflow_run_holds_training_evaluation_and_figures(pipeline: Path) ->
     assert model.predict(images).shape == (3, 10)
 
 
+@pytest.mark.slow  # starting `mlflow server` alone takes about half a minute
 def test_tracking_uri_sends_everything_to_a_running_server(
     workdir: Path, tiny_mnist: tuple[Path, tuple[MnistFile, ...]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

@@ -1,0 +1,41 @@
+"""Training learns: a few dozen iterations of the real recipe on tiny images whose label is easy to see."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from mnist_pipeline.model import Net
+from mnist_pipeline.params import load_params
+from mnist_pipeline.training import make_deterministic, predict, to_tensor, train
+from stages.split import split_indices
+from tests.conftest import shrunk_params, tiny_arrays
+
+
+def tensors(arrays: dict[str, np.ndarray], split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = arrays[f"{split}-images-idx3-ubyte"], arrays[f"{split}-labels-idx1-ubyte"]
+    return to_tensor(images), torch.from_numpy(labels.astype(np.int64))
+
+
+def test_a_few_dozen_iterations_learn_far_above_chance(tmp_path: Path) -> None:
+    # The real params.yaml, shrunk: 448 training images in batches of 32, 3 epochs = 42 iterations.
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(shrunk_params(epochs=3, log_every=7)))
+    params = load_params(tmp_path / "params.yaml")
+    arrays = tiny_arrays(n_train=640, n_test=200)
+    x, y = tensors(arrays, "train")
+    test_x, test_y = tensors(arrays, "t10k")
+    train_idx, val_idx = split_indices(len(y), params.split.val_fraction, params.seed)
+    make_deterministic(params.seed, params.train.num_threads)
+    model = Net()
+
+    result = train(model, (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx]), params.train, params.seed)
+
+    assert [row.iteration for row in result.log] == [7, 14, 21, 28, 35, 42]
+    assert result.log[-1].train_loss < 0.5 * result.log[0].train_loss
+    # Ten classes: chance is 0.1.
+    assert result.best_val_acc >= 0.9
+    model.load_state_dict(result.best_state)
+    assert float((predict(model, test_x).argmax(1) == test_y).double().mean()) >= 0.9
