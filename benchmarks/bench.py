@@ -31,6 +31,7 @@ from mnist_pipeline.data import load_mnist
 from mnist_pipeline.files import atomic_write_json
 from mnist_pipeline.model import Net
 from mnist_pipeline.params import Params, load_params
+from mnist_pipeline.stage_commands import stage_commands
 from mnist_pipeline.training import make_deterministic, predict, to_tensor, train
 
 STAGES = ("download", "split", "train", "evaluate", "plot", "record")
@@ -120,9 +121,9 @@ def recording_seconds(repeats: int) -> dict:
     times = []
     with tempfile.TemporaryDirectory() as root:
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-        command = [sys.executable, "-m", "stages.record", "data/raw", "models/model.pt", "reports/train_log.csv",
-                   "reports/train.json", "reports/metrics.json", "reports/predictions.csv", "reports/figures",
-                   "--marker", f"{root}/recorded"]
+        args = stage_commands()["record"]
+        args[args.index("--marker") + 1] = f"{root}/recorded"  # leave the workspace's marker alone
+        command = [sys.executable, "-m", "stages.record", *args]
         for _ in range(1 + repeats):
             start = time.perf_counter()
             subprocess.run(command, check=True, capture_output=True, env={**env, "DVC_ROOT": root})
@@ -220,7 +221,8 @@ def print_table(report: dict) -> None:
         ("project loop (default recipe)", f"{t['project_per_s']} samples/s"),
         ("throughput ratio, project / seed-style", f"{t['ratio']}x"),
         ("default recipe: training time", f"{r['train_seconds']} s"),
-        (f"  validation accuracy first >= 99.0% (probed every {r['probe_every']} it)", f"{r['val_reaches_target_s']} s"),
+        (f"  validation accuracy first >= 99.0% (probed every {r['probe_every']} it)",
+         f"{r['val_reaches_target_s']} s"),
         ("  test accuracy first >= 99.0%", f"{r['test_reaches_target_s']} s"),
         ("  final test accuracy (best model)", f"{100 * r['final_test_acc']:.2f}%"),
         ("record stage, a new model (store created)", f"{k['new_model_s']} s"),

@@ -73,8 +73,9 @@ def download_mnist(dest: Path, sources: Iterable[Source], files: tuple[MnistFile
     files = MNIST_FILES if files is None else files
     failures = []
     for source in sources:
-        tmp = make_partial_dir(dest)
+        tmp = None
         try:
+            tmp = make_partial_dir(dest)
             source.fetch(tmp, files)
             replace_dir(tmp, dest)
             return source.name
@@ -89,7 +90,8 @@ def download_mnist(dest: Path, sources: Iterable[Source], files: tuple[MnistFile
             print(f"download: {source.name}: {err}; trying the next source", file=sys.stderr)
             failures.append(f"  - {source.name}: {err}")
         finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
     raise SourceError("no source gave verified MNIST files:\n" + "\n".join(failures))
 
 

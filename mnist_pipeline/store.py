@@ -18,6 +18,7 @@ STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 # A run writes about 1 MB (model, figures, reports); refuse well before the disk is full.
 MIN_FREE_BYTES = 64 << 20
+DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
 
 
 class StoreError(PipelineError):
@@ -59,9 +60,16 @@ def resolve_store(environ: dict[str, str] | None = None) -> Store:
                 "sqlite:////<absolute file>; an in-memory store would lose every run"
             )
         return _sqlite_store(root / path)
+    if scheme.split("+")[0] in DATABASE_SCHEMES:
+        raise StoreError(
+            f"MLFLOW_TRACKING_URI={uri}: run `mlflow server --backend-store-uri <this database> "
+            "--artifacts-destination <folder>` and point MLFLOW_TRACKING_URI at the server: with a database URI alone, "
+            "MLflow keeps artifacts in ./mlruns of the working folder, which DVC deletes after --temp and queued runs"
+        )
     raise StoreError(
-        f"MLFLOW_TRACKING_URI={uri}: only a SQLite file (sqlite:///mlflow.db) or a tracking server (http://...) "
-        "is supported; MLflow's file store would split runs across DVC's temporary copies"
+        f"MLFLOW_TRACKING_URI={uri}: expected a SQLite file (sqlite:///mlflow.db) or a tracking server (http://...); "
+        "MLflow's file store (a folder) is no longer supported, and a relative one would be deleted with DVC's "
+        "temporary copies"
     )
 
 
@@ -95,6 +103,9 @@ def check_server(uri: str, timeout: float = 10) -> None:
 def _check_database(path: Path) -> None:
     if not path.exists():
         return  # MLflow creates it on first use
+    if not os.access(path, os.W_OK):
+        raise StoreError(f"MLflow store {path} is read-only; make it writable (chmod u+w) or point MLFLOW_TRACKING_URI "
+                         "at another store")
     what_to_do = f"move {path} aside (MLflow starts a new one) or restore it from a backup"
     try:
         connection = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30)

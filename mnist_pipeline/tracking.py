@@ -160,7 +160,17 @@ def tracked_run(**start: object) -> Iterator[mlflow.ActiveRun]:
 
 
 def _fail_pending_models(run: mlflow.ActiveRun) -> None:
-    """Mark FAILED the models this run began to log: MLflow leaves one PENDING when its upload breaks."""
+    """Mark FAILED the models this run began to log: MLflow leaves one PENDING when its upload breaks.
+
+    Best effort: when the store itself is broken this fails too, and ending the run must still be tried.
+    """
+    try:
+        _finalize_pending(run)
+    except STORE_ERRORS:
+        pass
+
+
+def _finalize_pending(run: mlflow.ActiveRun) -> None:
     models = retry_busy(
         mlflow.search_logged_models, experiment_ids=[run.info.experiment_id],
         filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list",
@@ -178,7 +188,7 @@ def log_metric_batch(run_id: str, metrics: list[Metric]) -> None:
 
 
 def flat_metrics(report: dict[str, object], prefix: str = "") -> dict[str, float]:
-    """A nested metrics file's numbers under the names `dvc metrics show` prints: {"test": {"accuracy": x}} -> test.accuracy."""
+    """A nested metrics file's numbers under the names `dvc metrics show` prints: test.accuracy, ..."""
     flat: dict[str, float] = {}
     for key, value in report.items():
         if isinstance(value, dict):

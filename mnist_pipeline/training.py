@@ -32,10 +32,6 @@ class LogRow:
     train_loss: float
     val_acc: float
 
-    def metrics(self) -> dict[str, float]:
-        """The reported values under the names logged to MLflow and written to the training log."""
-        return {"train_acc": self.train_acc, "train_loss": self.train_loss, "val_acc": self.val_acc}
-
 
 @dataclass(frozen=True)
 class TrainResult:

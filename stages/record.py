@@ -19,21 +19,23 @@ from mnist_pipeline.store import check_store, resolve_store
 
 # DVC reruns this stage when the file is missing (a fresh clone); its content never changes, so dvc.lock doesn't.
 MARKER_TEXT = "This workspace's result is recorded in MLflow. Delete this file to record it again.\n"
-RETRY = "the trained model and reports are kept: fix the store, then rerun the same `dvc repro` or `dvc exp run`, which records this result without training"
+RETRY = ("the trained model and reports are kept: fix the store, then rerun the same `dvc repro` or `dvc exp run`, "
+         "which records this result without training")
 
 
 def curve_metrics(train_log: Path) -> list[Metric]:
-    """The periodic training metrics at their iterations, under the training log's column names."""
+    """Every column of the training log but the counters, each value at its iteration."""
     now = int(time.time() * 1000)
-    with train_log.open(newline="") as file:
-        rows = list(csv.DictReader(file))
     try:
+        with train_log.open(newline="") as file:
+            rows = list(csv.DictReader(file))
         return [
-            Metric(name, float(row[name]), now, int(row["iteration"]))
-            for row in rows for name in ("train_acc", "train_loss", "val_acc")
+            Metric(name, float(value), now, int(row["iteration"]))
+            for row in rows for name, value in row.items() if name not in ("iteration", "epoch")
         ]
-    except (KeyError, ValueError) as err:
-        raise PipelineError(f"{train_log}: expected columns iteration,train_acc,train_loss,val_acc ({err})") from None
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        why = f"{type(err).__name__}: {err}"
+        raise PipelineError(f"{train_log}: expected a CSV with an iteration column ({why})") from None
 
 
 def log_model(model_path: Path, raw: Path, params: Params, tags: dict[str, str]) -> str:
@@ -65,26 +67,49 @@ def log_model(model_path: Path, raw: Path, params: Params, tags: dict[str, str])
     return version
 
 
+def read_summary(path: Path) -> dict[str, object]:
+    """train's summary, checked for what the run's tags and metrics need."""
+    try:
+        summary = json.loads(path.read_text())["train"]
+        device, world_size = str(summary["device"]), int(summary["world_size"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        why = f"{type(err).__name__}: {err}"
+        raise PipelineError(f"{path}: expected train.device and train.world_size ({why})") from None
+    return {**summary, "device": device, "world_size": world_size}
+
+
+def read_metrics(path: Path) -> dict[str, object]:
+    """evaluate's metrics file, which must hold the test section."""
+    try:
+        report = json.loads(path.read_text())
+        report["test"]["accuracy"]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise PipelineError(f"{path}: expected evaluate's test metrics ({type(err).__name__}: {err})") from None
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("raw", type=Path, help="folder of the MNIST IDX files (the model's input example)")
-    parser.add_argument("model", type=Path, help="the best model's weights")
-    parser.add_argument("outputs", type=Path, nargs="+", help="the pipeline's reports and figures folder to log")
-    parser.add_argument("--marker", type=Path, required=True, help="written once the result is recorded")
+    for name, what in (("raw", "folder of the MNIST IDX files (the model's input example)"),
+                       ("model", "the best model's weights"), ("train-log", "train's periodic metrics (CSV)"),
+                       ("summary", "train's summary (JSON)"), ("metrics", "evaluate's test metrics (JSON)"),
+                       ("predictions", "evaluate's predictions (CSV)"), ("figures", "plot's folder of figures"),
+                       ("marker", "written once the result is recorded")):
+        parser.add_argument(f"--{name}", type=Path, required=True, help=what)
     args = parser.parse_args()
     params = load_params()
     store = resolve_store()
     check_store(store)
-    reports = {path.name: path for path in args.outputs}
-    summary = json.loads(reports["train.json"].read_text())
-    metrics = {**tracking.flat_metrics(summary), **tracking.flat_metrics(json.loads(reports["metrics.json"].read_text()))}
-    curves = curve_metrics(reports["train_log.csv"])
+    summary = read_summary(args.summary)
+    metrics = {**tracking.flat_metrics({"train": summary}), **tracking.flat_metrics(read_metrics(args.metrics))}
+    curves = curve_metrics(args.train_log)
     model_sha256 = sha256_file(args.model)
+    outputs = [args.train_log, args.summary, args.metrics, args.predictions, args.figures]
     tags = {
-        **tracking.run_tags([args.raw, args.model, *args.outputs, args.marker]),
+        **tracking.run_tags([args.raw, args.model, *outputs, args.marker]),
         tracking.MODEL_TAG: model_sha256,
         # Where it trained: results differ in their last bits between devices and world sizes.
-        **{f"train.{key}": str(summary["train"][key]) for key in ("device", "world_size")},
+        "train.device": summary["device"], "train.world_size": str(summary["world_size"]),
     }
     name = tags.get("dvc.exp_name", tracking.WORKSPACE_RUN_NAME)
 
@@ -94,11 +119,9 @@ def main() -> None:
             tracking.retry_busy(mlflow.log_params, flatten(params))
             now = int(time.time() * 1000)
             tracking.log_metric_batch(run.info.run_id, [Metric(k, v, now, 0) for k, v in metrics.items()] + curves)
-            for path in args.outputs:
-                if path.is_dir():
-                    mlflow.log_artifacts(str(path), artifact_path=path.name)
-                else:
-                    mlflow.log_artifact(str(path), artifact_path="reports")
+            for path in outputs[:-1]:
+                mlflow.log_artifact(str(path), artifact_path="reports")
+            mlflow.log_artifacts(str(args.figures), artifact_path="figures")
             registered = params.mlflow.registered_model
             existing = tracking.find_model_version(registered, model_sha256)
             if existing is None:
@@ -112,7 +135,6 @@ def main() -> None:
     atomic_write_text(args.marker, MARKER_TEXT)
     print(f"record: MLflow run '{name}' ({run.info.run_id}) in {store.uri}, model {registered} version {version} "
           f"({origin})")
-
 
 if __name__ == "__main__":
     run_stage(main)

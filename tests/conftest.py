@@ -8,7 +8,6 @@ import hashlib
 import importlib
 import json
 import os
-import re
 import shutil
 import socket
 import sqlite3
@@ -29,6 +28,7 @@ import yaml
 from mnist_pipeline import sources
 from mnist_pipeline.data import MNIST_FILES, MnistFile
 from mnist_pipeline.params import load_params
+from mnist_pipeline.stage_commands import stage_commands
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -120,20 +120,8 @@ def raw_data(workdir: Path) -> Path:
 
 
 def pipeline_commands() -> dict[str, list[str]]:
-    """Each stage's arguments, in pipeline order, from dvc.yaml's `python -m stages.<name> ...` commands."""
-    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    values = {
-        f"{group}.{key}": value
-        for entry in spec.get("vars", []) if isinstance(entry, dict)
-        for group, section in entry.items() for key, value in section.items()
-    }
-    commands = {}
-    for name, stage in spec["stages"].items():
-        words = re.sub(r"\$\{([\w.]+)\}", lambda m: str(values[m[1]]), stage["cmd"]).split()
-        if words[:3] != ["python", "-m", f"stages.{name}"]:
-            raise ValueError(f"dvc.yaml: stage {name}: expected `python -m stages.{name} ...`, got {stage['cmd']!r}")
-        commands[name] = words[3:]
-    return commands
+    """Each stage's arguments, in pipeline order, as this repo's dvc.yaml declares them."""
+    return stage_commands(REPO / "dvc.yaml")
 
 
 def run_pipeline(folder: Path, files: tuple[MnistFile, ...], monkeypatch: pytest.MonkeyPatch) -> None:

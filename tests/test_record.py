@@ -10,11 +10,12 @@ from pathlib import Path
 
 import mlflow
 import pytest
+import yaml
 from mlflow.entities import LoggedModelStatus
 
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.store import resolve_store
-from stages import record
+from stages import plot, record
 from tests.conftest import REPO, pipeline_commands, project_env
 from tests.test_faults import assert_refused, snapshot
 
@@ -38,8 +39,13 @@ def record_main(monkeypatch: pytest.MonkeyPatch) -> None:
     run_stage(record.main)
 
 
-def test_a_result_restored_with_the_same_model_points_at_its_version(done: Path, monkeypatch) -> None:
-    """A plot-only change (train and evaluate skipped): a run of its own that points at the model's version."""
+def test_a_plot_only_change_is_its_own_run_and_points_at_the_models_version(done: Path, monkeypatch) -> None:
+    """Train and evaluate skipped, plot rerun with another param: a run of its own, pointing at the model."""
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["plot"]["n_images"] = 4
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.setattr(sys, "argv", ["plot", *pipeline_commands()["plot"]])
+    plot.main()
     record_main(monkeypatch)
     first, second = runs()
     assert second.data.tags["model_sha256"] == first.data.tags["model_sha256"]
@@ -47,7 +53,9 @@ def test_a_result_restored_with_the_same_model_points_at_its_version(done: Path,
     assert second.data.tags["model.run_id"] == first.info.run_id
     assert "model.run_id" not in first.data.tags
     assert len(mlflow.MlflowClient().search_model_versions("name = 'mnist-cnn'")) == 1
-    assert second.data.metrics == first.data.metrics and second.data.params == first.data.params
+    assert second.data.metrics == first.data.metrics
+    assert (first.data.params["plot.n_images"], second.data.params["plot.n_images"]) == ("9", "4")
+    assert first.info.status == second.info.status == "FINISHED"
 
 
 def test_a_corrupt_store_stops_train_before_training(done: Path) -> None:

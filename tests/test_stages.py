@@ -57,7 +57,8 @@ def test_one_mlflow_run_holds_training_evaluation_and_figures(pipeline: Path) ->
     assert [m.step for m in history] == [4, 8, 12]
     metrics = json.loads(Path("reports/metrics.json").read_text())["test"]
     assert run.data.metrics["test.accuracy"] == pytest.approx(metrics["accuracy"])
-    assert run.data.metrics["train.best_val_acc"] == json.loads(Path("reports/train.json").read_text())["train"]["best_val_acc"]
+    summary = json.loads(Path("reports/train.json").read_text())["train"]
+    assert run.data.metrics["train.best_val_acc"] == summary["best_val_acc"]
     assert run.data.tags["train.device"] == "cpu" and run.data.metrics["train.world_size"] == 1
     assert run.info.run_name == "workspace"
     assert {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "reports")} == {

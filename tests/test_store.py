@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -36,9 +37,14 @@ def test_absolute_sqlite_uri_and_server_are_kept(root: Path, tmp_path: Path) -> 
     assert resolve_store({"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000/"}) == store.Store("http://127.0.0.1:5000")
 
 
-@pytest.mark.parametrize("uri", ["mlruns", "file:///tmp/mlruns", "sqlite://", "sqlite:///:memory:"])
-def test_stores_that_would_lose_runs_are_refused(root: Path, uri: str) -> None:
-    with pytest.raises(StoreError, match="MLFLOW_TRACKING_URI="):
+@pytest.mark.parametrize(
+    ("uri", "words"),
+    [("mlruns", "file store"), ("file:///tmp/mlruns", "file store"), ("sqlite://", "in-memory"),
+     ("sqlite:///:memory:", "in-memory"), ("postgresql://u@127.0.0.1/mlflow", "mlflow server --backend-store-uri"),
+     ("mysql+pymysql://u@127.0.0.1/mlflow", "mlflow server --backend-store-uri")],
+)
+def test_stores_that_would_lose_runs_are_refused(root: Path, uri: str, words: str) -> None:
+    with pytest.raises(StoreError, match=f"MLFLOW_TRACKING_URI={re.escape(uri)}: .*{re.escape(words)}"):
         resolve_store({"MLFLOW_TRACKING_URI": uri})
 
 
@@ -77,7 +83,7 @@ def damage_one_page(path: Path) -> None:
     [
         (lambda p: p.write_bytes(b"this is not a database" * 100), "file is not a database"),
         (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 3]), "malformed"),
-        (damage_one_page, "mlflow.db"),
+        (damage_one_page, "damaged"),
     ],
     ids=["garbage", "truncated", "damaged-page"],
 )
@@ -111,7 +117,7 @@ def test_a_real_full_disk_on_a_small_tmpfs(tmp_path: Path, monkeypatch: pytest.M
     mount = tmp_path / "small"
     mount.mkdir()
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("this machine does not allow mounting a tmpfs; test_a_full_disk_is_refused_before_the_work simulates it")
+        pytest.skip("no tmpfs can be mounted here; test_a_full_disk_is_refused_before_the_work simulates it")
     try:
         monkeypatch.chdir(mount)
         monkeypatch.setenv("DVC_ROOT", str(mount))
@@ -120,3 +126,20 @@ def test_a_real_full_disk_on_a_small_tmpfs(tmp_path: Path, monkeypatch: pytest.M
             check_store(resolve_store())
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_read_only_store_is_refused(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store seen through a read-only mount (as root, file modes alone do not stop a write)."""
+    make_store(root)
+    view = tmp_path / "read-only-view"
+    view.mkdir()
+    if subprocess.run(["mount", "--bind", str(root), str(view)], capture_output=True).returncode:
+        pytest.skip("this machine does not allow bind mounts")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
+        monkeypatch.setenv("DVC_ROOT", str(view))
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it
+        with pytest.raises(StoreError, match=f"MLflow store {view / 'mlflow.db'} is read-only"):
+            check_store(resolve_store())
+    finally:
+        subprocess.run(["umount", "-l", str(view)], check=True)
