@@ -23,12 +23,6 @@ GONE_NOTE = (
 )
 
 
-def _commit(rev: str) -> str:
-    result = subprocess.run(["git", "rev-parse", "--verify", f"{rev}^{{commit}}"], capture_output=True, text=True,
-                            check=False)
-    return result.stdout.strip()
-
-
 def dvc_experiments() -> set[tuple[str, str]]:
     """(baseline commit, name) of every DVC experiment of every commit in this repo (`dvc exp list -A`).
 
@@ -42,7 +36,8 @@ def dvc_experiments() -> set[tuple[str, str]]:
     found, baseline = set(), ""
     for line in result.stdout.splitlines():
         if line.strip() and not line[0].isspace() and line.endswith(":"):
-            baseline = _commit(line[:-1])  # a branch, a tag or a short commit
+            # A branch, a tag or a short commit, as the full commit DVC_EXP_BASELINE_REV holds.
+            baseline = (tracking.git("rev-parse", "--verify", f"{line[:-1]}^{{commit}}") or "").strip()
         elif line.strip():
             name = line.strip()  # "<sha7> [<name>]", or "<name>"
             found.add((baseline, name.rsplit("[", 1)[1].rstrip("]") if name.endswith("]") else name))

@@ -27,7 +27,8 @@ T = TypeVar("T")
 BUSY_RETRIES = 8
 # The tag that ties a run and a registered model version to the exact model file (SHA-256 of its bytes).
 MODEL_TAG = "model_sha256"
-# Tells `mlflow ui` to open the experiment on its training runs rather than on a GenAI traces overview.
+# Marks the experiment as model training. MLflow 3.17's UI lets its sidebar switch decide instead (see the
+# README), but earlier UIs and MLflow's own search read this tag.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 WORKSPACE_RUN_NAME = "workspace"
 # What a store can raise when it is broken, full or unreachable.
@@ -95,7 +96,8 @@ def _get_or_create_experiment(name: str, artifact_location: str | None) -> str:
     return found.experiment_id
 
 
-def _git(*args: str) -> str | None:
+def git(*args: str) -> str | None:
+    """A git command's output, or None where it fails (no repo, no commit, no such revision)."""
     result = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
     return result.stdout if result.returncode == 0 else None
 
@@ -106,16 +108,15 @@ def git_dirty(outputs: list[Path]) -> bool:
     DVC deletes a stage's outputs before running it and rewrites dvc.lock as stages finish: they differ
     from the commit during any `dvc repro`, and say nothing about the code and params that made the result.
     """
-    listing = _git("status", "--porcelain", "-z", "--untracked-files=no") or ""
+    changed = filter(None, (git("diff", "--name-only", "-z", "HEAD") or "").split("\0"))
     own = [path.as_posix().rstrip("/") for path in [*outputs, Path("dvc.lock")]]
-    changed = [entry[3:] for entry in listing.split("\0") if len(entry) > 3]
     return any(not any(name == out or name.startswith(f"{out}/") for out in own) for name in changed)
 
 
 def run_tags(outputs: list[Path]) -> dict[str, str]:
     """Tags tying a run to its git commit, to whether code or params differ from it, and to the DVC experiment."""
     tags = {}
-    commit = (_git("rev-parse", "HEAD") or "").strip()
+    commit = (git("rev-parse", "HEAD") or "").strip()
     if commit:
         tags["mlflow.source.git.commit"] = commit
         tags["git.dirty"] = str(git_dirty(outputs)).lower()
@@ -165,19 +166,15 @@ def _fail_pending_models(run: mlflow.ActiveRun) -> None:
     Best effort: when the store itself is broken this fails too, and ending the run must still be tried.
     """
     try:
-        _finalize_pending(run)
+        models = retry_busy(
+            mlflow.search_logged_models, experiment_ids=[run.info.experiment_id],
+            filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list",
+        )
+        for model in models:
+            if model.status == LoggedModelStatus.PENDING:
+                retry_busy(mlflow.MlflowClient().finalize_logged_model, model.model_id, LoggedModelStatus.FAILED)
     except STORE_ERRORS:
         pass
-
-
-def _finalize_pending(run: mlflow.ActiveRun) -> None:
-    models = retry_busy(
-        mlflow.search_logged_models, experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list",
-    )
-    for model in models:
-        if model.status == LoggedModelStatus.PENDING:
-            retry_busy(mlflow.MlflowClient().finalize_logged_model, model.model_id, LoggedModelStatus.FAILED)
 
 
 def log_metric_batch(run_id: str, metrics: list[Metric]) -> None:
