@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mnist_pipeline.model import Net
@@ -40,3 +41,30 @@ def test_layer_table_matches_the_seed() -> None:
 def test_parameter_count() -> None:
     model = Net()
     assert sum(p.numel() for p in model.parameters()) == 57_790
+
+
+def seed_forward(model: Net, x: torch.Tensor) -> torch.Tensor:
+    """The seed notebook's forward pass, written as it was: relu, then pool."""
+    x = F.max_pool2d(F.relu(model.conv1(x)), 2)
+    x = F.max_pool2d(F.relu(model.conv2(x)), 2)
+    x = torch.flatten(x, 1)
+    x = F.relu(model.fc1(x))
+    x = F.relu(model.fc2(x))
+    x = F.relu(model.fc3(x))
+    return model.fc4(x)
+
+
+def test_forward_and_gradients_are_the_seeds_bit_for_bit() -> None:
+    torch.manual_seed(0)
+    model = Net()
+    x = torch.randn(64, 1, 28, 28)
+    y = torch.randint(0, 10, (64,))
+    results = []
+    for forward in (model, lambda batch: seed_forward(model, batch)):
+        model.zero_grad()
+        logits = forward(x)
+        F.cross_entropy(logits, y).backward()
+        results.append((logits.detach(), [p.grad.clone() for p in model.parameters()]))
+    (ours, our_grads), (seeds, seed_grads) = results
+    assert torch.equal(ours, seeds)
+    assert all(torch.equal(a, b) for a, b in zip(our_grads, seed_grads))
