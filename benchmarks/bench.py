@@ -111,6 +111,63 @@ def time_to_accuracy(data: dict[str, tuple[torch.Tensor, torch.Tensor]], params:
             "final_test_acc": final, "marks": marks}
 
 
+class PeerNet(torch.nn.Module):
+    """PyTorch's own MNIST example network (pytorch/examples mnist/main.py): 1,199,882 parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(1, 32, 3, 1)
+        self.conv2 = torch.nn.Conv2d(32, 64, 3, 1)
+        self.dropout1 = torch.nn.Dropout(0.25)
+        self.dropout2 = torch.nn.Dropout(0.5)
+        self.fc1 = torch.nn.Linear(9216, 128)
+        self.fc2 = torch.nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.max_pool2d(F.relu(self.conv2(F.relu(self.conv1(x)))), 2)
+        x = self.dropout2(F.relu(self.fc1(torch.flatten(self.dropout1(x), 1))))
+        return F.log_softmax(self.fc2(x), dim=1)
+
+
+def peer_time_to_accuracy(data: dict[str, tuple[torch.Tensor, torch.Tensor]], seed: int, threads: int,
+                          target: float, probe_every: int, budget_s: float) -> dict:
+    """PyTorch's example recipe (Adadelta lr 1.0, StepLR gamma 0.7 per epoch, batch 64, its 14 epochs) on our split.
+
+    Its batches come from the same in-memory tensors as ours (no DataLoader), which only helps it. Test
+    accuracy is probed every `probe_every` iterations with the clock stopped; it stops at `target` or
+    after `budget_s` seconds of training, whichever comes first.
+    """
+    make_deterministic(seed, threads)
+    model = PeerNet()
+    optimizer = torch.optim.Adadelta(model.parameters(), lr=1.0)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
+    (x, y), (test_x, test_y) = data["train"], data["test"]
+    generator = torch.Generator().manual_seed(seed)
+    seconds, iteration, reached, acc = 0.0, 0, None, 0.0
+    for _epoch in range(14):
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), 64):
+            began = time.perf_counter()
+            model.train()
+            index = order[start : start + 64]
+            loss = F.nll_loss(model(x[index]), y[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            seconds += time.perf_counter() - began
+            iteration += 1
+            if iteration % probe_every == 0:
+                acc = float((predict(model, test_x).argmax(1) == test_y).double().mean())
+                if acc >= target:
+                    reached = round(seconds, 2)
+            if reached is not None or seconds > budget_s:
+                return {"test_reaches_target_s": reached, "train_seconds": round(seconds, 2),
+                        "iterations": iteration, "last_test_acc": acc, "budget_s": budget_s}
+        scheduler.step()
+    return {"test_reaches_target_s": reached, "train_seconds": round(seconds, 2), "iterations": iteration,
+            "last_test_acc": acc, "budget_s": budget_s}
+
+
 def recording_seconds(repeats: int) -> dict:
     """Wall time of the record stage on this workspace's outputs, into a fresh temporary store.
 
@@ -183,6 +240,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16_000, help="samples for the loop-against-loop ratio")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the record stage's timing")
     parser.add_argument("--probe-every", type=int, default=100, help="iterations between accuracy probes")
+    parser.add_argument("--peer-budget-s", type=float, default=150.0,
+                        help="training seconds PyTorch's example recipe gets to reach 99.0%% test accuracy")
     parser.add_argument("--out", type=Path, default=Path("reports/benchmark.json"))
     args = parser.parse_args()
     params = load_params()
@@ -201,6 +260,9 @@ def main() -> None:
         "throughput": {"samples": args.samples, "seed_style_per_s": round(seed_rate),
                        "project_per_s": round(ours_rate), "ratio": round(ours_rate / seed_rate, 2)},
         "default_recipe": time_to_accuracy(data, params, 0.99, args.probe_every),
+        # Probed every 400 of its batches of 64: about as many samples between probes as ours at 100 x 256.
+        "peer_recipe": peer_time_to_accuracy(data, params.seed, params.train.num_threads, 0.99, 400,
+                                             args.peer_budget_s),
         "record_s": recording_seconds(args.repeats),
         "evaluate_10k_s": evaluation_seconds(data, params),
         "startup_s": startup_seconds(),
@@ -225,6 +287,10 @@ def print_table(report: dict) -> None:
          f"{r['val_reaches_target_s']} s"),
         ("  test accuracy first >= 99.0%", f"{r['test_reaches_target_s']} s"),
         ("  final test accuracy (best model)", f"{100 * r['final_test_acc']:.2f}%"),
+        ("PyTorch's example recipe: test accuracy first >= 99.0%",
+         f"{report['peer_recipe']['test_reaches_target_s']} s" if report['peer_recipe']['test_reaches_target_s']
+         else f"not within {report['peer_recipe']['budget_s']:.0f} s (last probe "
+              f"{100 * report['peer_recipe']['last_test_acc']:.2f}%)"),
         ("record stage, a new model (store created)", f"{k['new_model_s']} s"),
         ("record stage, a model already registered", f"{k['known_model_s']} s"),
         ("tracking overhead, (training + record) / training",
