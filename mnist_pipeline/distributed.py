@@ -25,9 +25,8 @@ from mnist_pipeline.params import PARAMS_FILE, Params, ParamsError, flatten
 # torchrun takes each of its flags from a PET_<FLAG> variable too. The stage run by DVC on the first machine
 # joins a job over several machines through these; the other machines run torchrun with the same flags (README).
 NODES_ENV, ENDPOINT_ENV, BACKEND_ENV = "PET_NNODES", "PET_RDZV_ENDPOINT", "PET_RDZV_BACKEND"
-# How a process's failure came about, kept in its error file: a cause of its own, torchrun (or someone) stopping
-# it with SIGTERM, or a collective failing because a peer had gone.
-CAUSE, STOPPED, LOST = "cause", "stopped", "lost"
+# Marks, in a process's error file, a collective that failed because a peer had gone.
+LOST = "lost"
 
 
 class JobFailed(PipelineError):
@@ -151,8 +150,8 @@ def launch(processes: int, module: str, args: list[str], threads: int) -> None:
 def describe_failure(failures: dict, world_size: int) -> str:
     """One line for torchrun's failures (rank: ProcessFailure): the process whose failure started it all.
 
-    When one process dies the others fail after it, stopped by torchrun or having lost their peers. So a death by
-    signal comes first, then a failure of its own, then a stop, then a lost peer; ties go to the earliest.
+    When one process dies the others fail after it, having lost their peers or been stopped by torchrun: a death
+    by signal (it leaves no error file) comes first, then the earliest by the time in the error files.
     """
     def info(failure: object) -> dict:
         data = failure.error_file_data.get("message")
@@ -161,8 +160,7 @@ def describe_failure(failures: dict, world_size: int) -> str:
     def order(item: tuple) -> tuple:
         failure = item[1]
         extra = info(failure)["extraInfo"]
-        kind = "signal" if failure.exitcode < 0 else extra.get("kind", CAUSE)
-        return ["signal", CAUSE, STOPPED, LOST].index(kind), float(extra.get("time", failure.timestamp)), item[0]
+        return failure.exitcode >= 0, float(extra.get("time", failure.timestamp)), item[0]
 
     rank, failure = min(failures.items(), key=order)
     where = f"rank {rank} of {world_size} (pid {failure.pid})"
@@ -171,7 +169,7 @@ def describe_failure(failures: dict, world_size: int) -> str:
     message = info(failure)["message"]
     if not message:
         return f"{where} exited with code {failure.exitcode} without saying why"
-    if info(failure)["extraInfo"].get("kind") == LOST:
+    if info(failure)["extraInfo"].get(LOST) == "true":
         return f"{where} failed: {message}; a process on another machine stopped first: its torchrun says why"
     return f"{where} failed: {message}"
 
@@ -247,12 +245,12 @@ def run_rank(main: Callable[[], None]) -> None:
 
 def _record_failure(err: BaseException) -> None:
     path = os.environ.get("TORCHELASTIC_ERROR_FILE")
-    # A collective that fails because a peer is gone raises one of torch.distributed's errors.
-    kind = LOST if isinstance(err, dist.DistError) else STOPPED if isinstance(err, KeyboardInterrupt) else CAUSE
+    # A collective that fails because a peer is gone raises one of torch.distributed's errors, or Gloo's RuntimeError.
+    lost = isinstance(err, dist.DistError) or isinstance(err, RuntimeError) and "/gloo/" in str(err)
     now = time.time()
-    # torchrun reads message and timestamp (whole seconds); kind and time order the failures in describe_failure.
+    # torchrun reads message and timestamp (whole seconds); describe_failure orders by the finer time.
     data = {"message": {"message": one_line(err),
-                        "extraInfo": {"timestamp": str(int(now)), "time": repr(now), "kind": kind}}}
+                        "extraInfo": {"timestamp": str(int(now)), "time": repr(now), LOST: str(lost).lower()}}}
     if path:
         Path(path).write_text(json.dumps(data))
     else:

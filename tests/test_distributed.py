@@ -96,30 +96,16 @@ def start_training(root: Path, **env: str) -> subprocess.Popen[str]:
 
 def ranks_of(pid: int) -> dict[int, int]:
     """{rank: pid} of the processes torchrun started under `pid`, read from their environment."""
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     found = {}
-    for child in children:
-        environ = dict(
-            line.split("=", 1) for line in Path(f"/proc/{child}/environ").read_text().split("\0") if "=" in line)
-        if "RANK" in environ:
-            found[int(environ["RANK"])] = int(child)
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            environ = Path(f"/proc/{child}/environ").read_text().split("\0")
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # it has just exited
+        rank = next((line.removeprefix("RANK=") for line in environ if line.startswith("RANK=")), None)
+        if rank is not None:
+            found[int(rank)] = int(child)
     return found
-
-
-@pytest.mark.slow
-def test_two_processes_train_one_result_and_rerun_bit_for_bit(pipeline: Path) -> None:
-    set_train(pipeline, processes=2, num_threads=1)
-    result = stage(pipeline, "train")
-    assert result.returncode == 0, result.stderr
-    assert result.stderr == ""  # torchrun's own logging stays out of the stage's output
-    assert result.stdout.count("End of the training loop!") == 1  # one process reports
-    summary = json.loads(Path("reports/train.json").read_text())["train"]
-    assert (summary["world_size"], summary["backend"], summary["device"]) == (2, "gloo", "cpu")
-    first = snapshot(pipeline)
-    assert sorted(p.name for p in (pipeline / "models").iterdir()) == ["model.pt"]
-
-    assert stage(pipeline, "train").returncode == 0
-    assert snapshot(pipeline) == first  # same world size and threads: the same bytes
 
 
 @pytest.mark.slow
