@@ -59,13 +59,54 @@ def seed_style_throughput(raw: Path, samples: int, threads: int) -> float:
         return samples / (time.perf_counter() - start)
 
 
-def project_throughput(x: torch.Tensor, y: torch.Tensor, params: Params, samples: int) -> float:
+def project_throughput(x: torch.Tensor, y: torch.Tensor, params: Params, samples: int, threads: int | None = None
+                       ) -> float:
     """Samples per second of the project's loop with the default recipe, over the same number of samples."""
-    recipe = dataclasses.replace(params.train, epochs=1, log_every=10**9)
+    recipe = dataclasses.replace(params.train, epochs=1, log_every=10**9, num_threads=threads or params.train.num_threads)
     make_deterministic(params.seed, recipe.num_threads)
     start = time.perf_counter()
     train(Net(), (x[:samples], y[:samples]), (x[:10], y[:10]), recipe, params.seed)
     return samples / (time.perf_counter() - start)
+
+
+def ddp_worker(x: torch.Tensor, y: torch.Tensor, params: Params, samples: int) -> None:
+    """Run by torchrun: this process's share of the project's loop over `samples`; rank 0 prints samples/s."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    recipe = dataclasses.replace(params.train, epochs=1, log_every=10**9, num_threads=1)
+    make_deterministic(params.seed, recipe.num_threads)
+    model = Net()
+    dist.barrier()  # time the loop alone, not the processes' start-up
+    start = time.perf_counter()
+    train(model, (x[:samples], y[:samples]), (x[:10], y[:10]), recipe, params.seed)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        print(json.dumps({"per_s": samples / (time.perf_counter() - start)}))
+    dist.destroy_process_group()
+
+
+def ddp_scaling(x: torch.Tensor, y: torch.Tensor, params: Params, samples: int, repeats: int) -> dict:
+    """Samples/s of 1 process x 1 thread, 1 x 2 threads and 2 processes x 1 thread (real torchrun, Gloo), medians.
+
+    The ratio compares the two ways of using 2 cores; the scaling efficiency is the 2 processes' speed-up over
+    one process of the same single thread, divided by 2.
+    """
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "benchmarks.bench", "--ddp-worker", "--samples", str(samples)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    rates: dict[str, list[float]] = {"one_by_1": [], "one_by_2": [], "two_by_1": []}
+    for _ in range(repeats):  # interleaved, so that a busy moment of a shared machine spreads over all three
+        rates["one_by_1"].append(project_throughput(x, y, params, samples, threads=1))
+        rates["one_by_2"].append(project_throughput(x, y, params, samples, threads=2))
+        out = subprocess.run(command, check=True, capture_output=True, text=True, env=env).stdout
+        rates["two_by_1"].append(json.loads(out.strip().splitlines()[-1])["per_s"])
+    median = {k: float(np.median(v)) for k, v in rates.items()}
+    return {"samples": samples, "repeats": repeats,
+            **{f"{k}_per_s": round(v) for k, v in median.items()},
+            **{f"{k}_range": [round(min(v)), round(max(v))] for k, v in rates.items()},
+            "ratio_two_by_1_over_one_by_2": round(median["two_by_1"] / median["one_by_2"], 2),
+            "scaling_efficiency": round(median["two_by_1"] / (2 * median["one_by_1"]), 2)}
 
 
 def time_to_accuracy(data: dict[str, tuple[torch.Tensor, torch.Tensor]], params: Params, target: float,
@@ -243,6 +284,7 @@ def main() -> None:
     parser.add_argument("--peer-budget-s", type=float, default=150.0,
                         help="training seconds PyTorch's example recipe gets to reach 99.0%% test accuracy")
     parser.add_argument("--out", type=Path, default=Path("reports/benchmark.json"))
+    parser.add_argument("--ddp-worker", action="store_true", help="(run by torchrun for the DDP figures)")
     args = parser.parse_args()
     params = load_params()
     raw = Path("data/raw")
@@ -254,11 +296,15 @@ def main() -> None:
     data = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]),
             "test": (to_tensor(test_images), torch.from_numpy(test_labels.astype(np.int64)))}
 
+    if args.ddp_worker:
+        ddp_worker(*data["train"], params, args.samples)
+        return
     seed_rate = seed_style_throughput(raw, args.samples, params.train.num_threads)
     ours_rate = project_throughput(*data["train"], params, args.samples)
     report = {
         "throughput": {"samples": args.samples, "seed_style_per_s": round(seed_rate),
                        "project_per_s": round(ours_rate), "ratio": round(ours_rate / seed_rate, 2)},
+        "ddp": ddp_scaling(*data["train"], params, args.samples, args.repeats),
         "default_recipe": time_to_accuracy(data, params, 0.99, args.probe_every),
         # Probed every 400 of its batches of 64: about as many samples between probes as ours at 100 x 256.
         "peer_recipe": peer_time_to_accuracy(data, params.seed, params.train.num_threads, 0.99, 400,
@@ -277,11 +323,16 @@ def main() -> None:
 
 def print_table(report: dict) -> None:
     """The numbers a person reads, one per line."""
-    t, r, k = report["throughput"], report["default_recipe"], report["record_s"]
+    t, r, k, d = report["throughput"], report["default_recipe"], report["record_s"], report["ddp"]
     rows = [
         ("seed-style loop (batch 16, DataLoader)", f"{t['seed_style_per_s']} samples/s"),
         ("project loop (default recipe)", f"{t['project_per_s']} samples/s"),
         ("throughput ratio, project / seed-style", f"{t['ratio']}x"),
+        ("project loop, 1 process x 1 thread", f"{d['one_by_1_per_s']} samples/s"),
+        ("project loop, 1 process x 2 threads", f"{d['one_by_2_per_s']} samples/s"),
+        ("project loop, 2 processes x 1 thread (torchrun, Gloo)", f"{d['two_by_1_per_s']} samples/s"),
+        ("  ratio, 2 processes x 1 / 1 process x 2 threads", f"{d['ratio_two_by_1_over_one_by_2']}x"),
+        ("  scaling efficiency, 2 processes / (2 x 1 process, 1 thread)", f"{d['scaling_efficiency']}"),
         ("default recipe: training time", f"{r['train_seconds']} s"),
         (f"  validation accuracy first >= 99.0% (probed every {r['probe_every']} it)",
          f"{r['val_reaches_target_s']} s"),

@@ -65,6 +65,7 @@ class TrainParams:
 
     device: Literal["auto", "cpu", "cuda"]
     num_threads: int
+    processes: int
     batch_size: int
     epochs: int
     optimizer: Literal["adam", "sgd"]
@@ -77,6 +78,7 @@ class TrainParams:
 
     def check(self) -> None:
         _require(1 <= self.num_threads <= 256, "num_threads", f"must be in [1, 256], got {self.num_threads}")
+        _require(1 <= self.processes <= 1024, "processes", f"must be in [1, 1024], got {self.processes}")
         _require(1 <= self.batch_size <= 60000, "batch_size", f"must be in [1, 60000], got {self.batch_size}")
         _require(1 <= self.epochs <= 1000, "epochs", f"must be in [1, 1000], got {self.epochs}")
         _require(0 < self.lr <= 10, "lr", f"must be in (0, 10], got {self.lr}")

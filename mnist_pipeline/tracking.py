@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 
+from mnist_pipeline.params import Params, flatten
 from mnist_pipeline.store import Store, StoreError
 
 T = TypeVar("T")
@@ -210,3 +212,27 @@ def tag_model_version(name: str, version: str, tags: dict[str, str]) -> None:
     for key in (MODEL_TAG, "dvc.exp_name", "dvc.exp_baseline_rev", "mlflow.source.git.commit"):
         if key in tags:
             retry_busy(client.set_model_version_tag, name, version, key.removeprefix("mlflow.source."), tags[key])
+
+
+def record_failed_training(store: Store, params: Params, outputs: list[Path], cause: str, device: str,
+                           backend: str) -> str:
+    """Record a failed training job as one FAILED run holding the cause; say where it went, or why it could not.
+
+    The record stage writes the run of each result. A job of several processes can fail in any of them, on any
+    machine: the process that launched it on this machine sees every failure, so it leaves this run.
+    """
+    tags = {**run_tags(outputs), "train.device": device, "train.world_size": str(params.train.processes),
+            "train.backend": backend, "failure": cause, "mlflow.note.content": f"Training failed: {cause}"}
+    name = tags.get("dvc.exp_name", WORKSPACE_RUN_NAME)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # a new store's INFO lines would bury the one-line error
+    try:
+        with store_errors(store, "the failure is not recorded"):
+            experiment_id = configure(store, params.mlflow.experiment)
+            run = retry_busy(mlflow.start_run, experiment_id=experiment_id, run_name=name, tags=tags)
+            try:
+                retry_busy(mlflow.log_params, flatten(params))
+            finally:
+                retry_busy(mlflow.end_run, "FAILED")
+    except StoreError as err:
+        return str(err)
+    return f"MLflow run '{name}' ({run.info.run_id}) is marked FAILED"

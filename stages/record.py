@@ -110,6 +110,7 @@ def main() -> None:
         tracking.MODEL_TAG: model_sha256,
         # Where it trained: results differ in their last bits between devices and world sizes.
         "train.device": summary["device"], "train.world_size": str(summary["world_size"]),
+        "train.backend": str(summary.get("backend", "none")),
     }
     name = tags.get("dvc.exp_name", tracking.WORKSPACE_RUN_NAME)
 

@@ -1,4 +1,4 @@
-"""DVC stage train: train the seed's CNN and keep the best model by validation accuracy."""
+"""DVC stage train: train the seed's CNN and keep the best model by validation accuracy, on 1 or more processes."""
 
 from __future__ import annotations
 
@@ -11,11 +11,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mnist_pipeline import distributed, training
 from mnist_pipeline.data import load_mnist
 from mnist_pipeline.errors import PipelineError, run_stage
 from mnist_pipeline.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from mnist_pipeline.model import Net
-from mnist_pipeline.params import load_params
+from mnist_pipeline.params import Params, load_params
 from mnist_pipeline.store import check_store, resolve_store
 from mnist_pipeline.training import LogRow, make_deterministic, select_device, state_dict_bytes, to_tensor, train
 
@@ -64,6 +65,20 @@ class LogProgress:
         pass
 
 
+def launch(params: Params, device: torch.device, args: list[str], outputs: list[Path]) -> None:
+    """Train on train.processes processes under torchrun; a failure is one line and a FAILED MLflow run."""
+    here = distributed.processes_here(params.train.processes, device)
+    distributed.check_rendezvous_port()
+    try:
+        distributed.launch(here, "stages.train", args, params.train.num_threads)
+    except distributed.JobFailed as err:
+        from mnist_pipeline.tracking import record_failed_training  # MLflow only when there is a failure to record
+
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        where = record_failed_training(resolve_store(), params, outputs, str(err), device.type, backend)
+        raise PipelineError(f"train: {err}; {where}; the outputs are left as they were") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("raw", type=Path, help="folder of the MNIST IDX files")
@@ -75,19 +90,32 @@ def main() -> None:
     params = load_params()
     p = params.train
     device = select_device(p.device)
-    check_store(resolve_store())  # the record stage needs it: fail now rather than after training
+    rank = None
+    if distributed.launched():
+        rank, device = distributed.join(p.processes, device)
+    else:
+        check_store(resolve_store())  # the record stage needs it: fail now rather than after training
+        if p.processes > 1:
+            launch(params, device, sys.argv[1:], [args.model, args.log, args.summary])
+            return
     make_deterministic(params.seed, p.num_threads)
     images, labels = load_mnist(args.raw, "train")
     train_idx = load_indices(args.split, "train", len(labels))
     val_idx = load_indices(args.split, "val", len(labels))
+    if rank is not None:
+        code = [Path(m.__file__) for m in (sys.modules[__name__], training, distributed)]
+        distributed.check_same_inputs(params, [images, labels, train_idx.numpy(), val_idx.numpy()], code)
     x, y = to_tensor(images), torch.from_numpy(labels.astype(np.int64))
     model = Net().to(device)
+    writes = rank is None or rank.writes  # the other processes keep quiet and write nothing
 
     total = p.epochs * -(-len(train_idx) // p.batch_size)
     terminal = sys.stdout.isatty()
-    progress = tqdm(total=total, desc="train", unit="it") if terminal else LogProgress(total)
+    progress = tqdm(total=total, desc="train", unit="it", disable=not writes) if terminal else LogProgress(total)
 
     def report(row: LogRow, improved: bool) -> None:
+        if not writes:
+            return
         if improved:
             progress.write("Updated the best model!")
         progress.write(
@@ -99,18 +127,22 @@ def main() -> None:
     start = time.perf_counter()
     result = train(
         model, (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx]), p, params.seed,
-        on_log=report, on_step=progress.update,
+        on_log=report, on_step=progress.update if writes else lambda: None,
     )
     progress.close()
-    print(f"End of the training loop! {time.perf_counter() - start:.1f} s on {device}, best val acc "
+    if not writes:
+        return
+    world = f"{rank.world_size} processes ({rank.backend})" if rank else "1 process"
+    print(f"End of the training loop! {time.perf_counter() - start:.1f} s on {device.type}, {world}, best val acc "
           f"{100 * result.best_val_acc:.3f}% at iteration {result.best_iteration}")
     atomic_write_bytes(args.model, state_dict_bytes(result.best_state))
     atomic_write_text(args.log, log_csv(result.log))
     atomic_write_json(args.summary, {"train": {
         "best_val_acc": round(result.best_val_acc, 6), "best_iteration": result.best_iteration,
-        "device": device.type, "world_size": 1,
+        "device": device.type, "world_size": rank.world_size if rank else 1,
+        "backend": rank.backend if rank else "none",
     }})
 
 
 if __name__ == "__main__":
-    run_stage(main)
+    distributed.run_rank(main) if distributed.launched() else run_stage(main)

@@ -1,16 +1,22 @@
-"""On a CUDA machine the same training code runs unchanged; `train.device: auto` picks the GPU."""
+"""On a CUDA machine the same training code runs unchanged, deterministic; `train.device: auto` picks the GPU."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from mnist_pipeline.model import Net
 from mnist_pipeline.params import load_params
 from mnist_pipeline.training import make_deterministic, predict, select_device, to_tensor, train
-from tests.conftest import REPO, tiny_arrays
+from tests.conftest import REPO, project_env, tiny_arrays
+from tests.test_faults import assert_refused, stage
 
 # CUDA exists only on some machines; everywhere else this check has nothing to run on.
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -33,3 +39,64 @@ def test_auto_device_trains_on_the_gpu_like_on_the_cpu() -> None:
         results[device] = predict(model, x[200:]).cpu()
     # The same seeded batches on both devices; kernels differ, so the logits agree closely, not bit for bit.
     torch.testing.assert_close(results["cuda"], results["cpu"], atol=1e-2, rtol=1e-2)
+
+
+def test_deterministic_cublas_runs_in_a_fresh_process() -> None:
+    # A fresh process, without CUBLAS_WORKSPACE_CONFIG: make_deterministic must set it before the first matmul,
+    # or nn.Linear's cuBLAS call raises in deterministic mode. Twice the same bits, too.
+    code = (
+        "import torch\n"
+        "from mnist_pipeline.training import make_deterministic\n"
+        "make_deterministic(0, 1)\n"
+        "layer = torch.nn.Linear(300, 140).cuda()\n"
+        "x = torch.randn(256, 300, device='cuda', requires_grad=True)\n"
+        "layer(x).square().sum().backward()\n"
+        "print(x.grad.double().sum().item())\n"
+    )
+    env = project_env(PYTHONPATH=str(REPO))
+    env.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    outputs = [subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+               for _ in range(2)]
+    assert outputs[0] == outputs[1] != ""
+
+
+@pytest.fixture
+def cuda_pipeline(pipeline: Path) -> Path:
+    """The tiny pipeline's copy, set to train on CUDA."""
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["train"]["device"] = "cuda"
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    return pipeline
+
+
+def test_train_stage_on_cuda_records_the_device_and_reruns_bit_for_bit(cuda_pipeline: Path) -> None:
+    models = []
+    for _ in range(2):
+        result = stage(cuda_pipeline, "train")
+        assert result.returncode == 0, result.stderr
+        models.append(Path("models/model.pt").read_bytes())
+    summary = json.loads(Path("reports/train.json").read_text())["train"]
+    assert (summary["device"], summary["world_size"], summary["backend"]) == ("cuda", 1, "none")
+    assert models[0] == models[1]
+
+
+def test_more_processes_than_gpus_is_one_line_before_training(cuda_pipeline: Path) -> None:
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["train"]["processes"] = torch.cuda.device_count() + 1
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    assert_refused(stage(cuda_pipeline, "train"), "params.yaml: train.processes:", "CUDA devices")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per process: 2 GPUs")
+def test_two_processes_on_two_gpus_train_with_nccl(cuda_pipeline: Path) -> None:
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["train"]["processes"] = 2
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    models = []
+    for _ in range(2):
+        result = stage(cuda_pipeline, "train")
+        assert result.returncode == 0, result.stderr
+        models.append(Path("models/model.pt").read_bytes())
+    summary = json.loads(Path("reports/train.json").read_text())["train"]
+    assert (summary["device"], summary["world_size"], summary["backend"]) == ("cuda", 2, "nccl")
+    assert models[0] == models[1]

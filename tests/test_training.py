@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 import yaml
 
@@ -39,3 +41,14 @@ def test_a_few_dozen_iterations_learn_far_above_chance(tmp_path: Path) -> None:
     assert result.best_val_acc >= 0.9
     model.load_state_dict(result.best_state)
     assert float((predict(model, test_x).argmax(1) == test_y).double().mean()) >= 0.9
+
+
+def test_deterministic_mode_fixes_the_cublas_workspace_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Deterministic cuBLAS (every nn.Linear on CUDA) raises unless this is set before its first call.
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    make_deterministic(0, torch.get_num_threads())
+    assert torch.are_deterministic_algorithms_enabled()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the other documented value: a user's choice is kept
+    make_deterministic(0, torch.get_num_threads())
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"

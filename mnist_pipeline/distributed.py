@@ -1,0 +1,257 @@
+"""Training on several processes and machines with torchrun: the checks before launching, the launch, one line for a failure."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.params import PARAMS_FILE, Params, ParamsError, flatten
+
+# torchrun takes each of its flags from a PET_<FLAG> variable too. The stage run by DVC on the first machine
+# joins a job over several machines through these; the other machines run torchrun with the same flags (README).
+NODES_ENV, ENDPOINT_ENV, BACKEND_ENV = "PET_NNODES", "PET_RDZV_ENDPOINT", "PET_RDZV_BACKEND"
+# Marks, in a process's error file, a collective that failed because a peer had gone.
+LOST = "lost"
+
+
+class JobFailed(PipelineError):
+    """A process of the job failed; the message names its rank and the cause."""
+
+
+@dataclass(frozen=True)
+class Rank:
+    """This process's place in the job torchrun started."""
+
+    rank: int
+    local_rank: int
+    world_size: int
+    backend: str
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes the result: the first on each machine.
+
+        Every process ends with the same weights and reports. With torchrun's c10d rendezvous the job's rank 0
+        may land on any machine (it sorts machines by host name), so the first process of each machine writes
+        into that machine's checkout: on one machine, that is rank 0 alone.
+        """
+        return self.local_rank == 0
+
+
+def launched() -> bool:
+    """Whether torchrun started this process (it sets these variables in each process it starts)."""
+    return all(key in os.environ for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+
+
+def machines() -> int:
+    """The number of machines of the job, from PET_NNODES (1 when unset)."""
+    text = os.environ.get(NODES_ENV, "1")
+    if not text.isdigit() or int(text) < 1:
+        raise PipelineError(f"{NODES_ENV}={text}: expected the number of machines of the job, a whole number >= 1")
+    return int(text)
+
+
+def processes_here(processes: int, device: torch.device) -> int:
+    """How many of the job's processes run on this machine; more than it can hold is a params error."""
+    nodes = machines()
+    if processes % nodes:
+        raise ParamsError(PARAMS_FILE, "train.processes",
+                          f"{processes} processes cannot be shared evenly by {NODES_ENV}={nodes} machines")
+    here = processes // nodes
+    if device.type == "cuda":
+        limit, what = torch.cuda.device_count(), "CUDA devices (one per process)"
+    else:
+        limit, what = len(os.sched_getaffinity(0)), "usable CPU cores (os.sched_getaffinity)"
+    if here > limit:
+        raise ParamsError(PARAMS_FILE, "train.processes", f"{here} processes on this machine, but it has {limit} "
+                          f"{what}; set at most {limit * nodes}, or spread them over more machines (see the README)")
+    return here
+
+
+def check_rendezvous_port() -> None:
+    """Fail in one line when this machine should host the rendezvous (PET_RDZV_ENDPOINT) but its port is taken.
+
+    torchrun would connect to whatever holds the port and wait there; a test bind says it now. An endpoint
+    on another machine cannot be bound here (EADDRNOTAVAIL): that machine hosts it.
+    """
+    endpoint = os.environ.get(ENDPOINT_ENV)
+    if not endpoint:
+        return
+    host, _, port = endpoint.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise PipelineError(f"{ENDPOINT_ENV}={endpoint}: expected host:port, the first machine's address and a free "
+                            "port, the same on every machine")
+    try:
+        addresses = socket.getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise PipelineError(f"{ENDPOINT_ENV}={endpoint}: host {host} not found ({err.strerror})") from None
+    for family, kind, proto, _, address in addresses:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # connections closing do not count
+            try:
+                probe.bind(address)
+            except OSError as err:
+                if err.errno == errno.EADDRINUSE:
+                    raise PipelineError(
+                        f"{ENDPOINT_ENV}={endpoint}: port {port} is already in use on this machine; pick a free port "
+                        "for the rendezvous and give the same to every machine") from None
+                if err.errno != errno.EADDRNOTAVAIL:
+                    raise PipelineError(f"{ENDPOINT_ENV}={endpoint}: cannot listen there ({err.strerror})") from None
+
+
+def launch(processes: int, module: str, args: list[str], threads: int) -> None:
+    """Run `python -m module args` as this machine's share of the job under torchrun (its own code, in this
+    process) and wait for it; a failed process becomes JobFailed naming its rank and the cause."""
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError
+
+    nodes = machines()
+    flags = ["--nnodes", str(nodes), "--nproc-per-node", str(processes), "--max-restarts", "0"]
+    if nodes == 1 and ENDPOINT_ENV not in os.environ:
+        flags.append("--standalone")  # a rendezvous on a free local port
+    elif BACKEND_ENV not in os.environ:
+        flags += ["--rdzv-backend", "c10d"]
+    # Each process sets its own thread count; this keeps torchrun from setting OMP_NUM_THREADS=1 and saying so.
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    with tempfile.TemporaryDirectory(prefix="torchrun-") as logs:
+        arguments = torchrun.parse_args([*flags, "--log-dir", logs, "-m", module, *args])
+        # torchrun's agent logs every step, and each failure over dozens of lines: the failure becomes one line here.
+        logging.disable(logging.CRITICAL)
+        try:
+            torchrun.run(arguments)
+        except ChildFailedError as err:
+            raise JobFailed(describe_failure(err.failures, processes * nodes)) from None
+        except RendezvousError as err:
+            raise PipelineError(f"torchrun's rendezvous failed ({one_line(err)}); check {ENDPOINT_ENV} and "
+                                f"{NODES_ENV}, and that every machine's torchrun is started") from None
+        except SignalException as err:
+            raise KeyboardInterrupt(f"stopped by signal {err.sigval.name}") from None
+        finally:
+            logging.disable(logging.NOTSET)
+
+
+def describe_failure(failures: dict, world_size: int) -> str:
+    """One line for torchrun's failures (rank: ProcessFailure): the process whose failure started it all.
+
+    When one process dies the others fail after it, having lost their peers or been stopped by torchrun: a death
+    by signal (it leaves no error file) comes first, then the earliest by the time in the error files.
+    """
+    def info(failure: object) -> dict:
+        data = failure.error_file_data.get("message")
+        return data if isinstance(data, dict) else {"message": str(data or ""), "extraInfo": {}}
+
+    def order(item: tuple) -> tuple:
+        failure = item[1]
+        extra = info(failure)["extraInfo"]
+        return failure.exitcode >= 0, float(extra.get("time", failure.timestamp)), item[0]
+
+    rank, failure = min(failures.items(), key=order)
+    where = f"rank {rank} of {world_size} (pid {failure.pid})"
+    if failure.exitcode < 0:
+        return f"{where} was killed by signal {failure.signal_name()}"
+    message = info(failure)["message"]
+    if not message:
+        return f"{where} exited with code {failure.exitcode} without saying why"
+    if info(failure)["extraInfo"].get(LOST) == "true":
+        return f"{where} failed: {message}; a process on another machine stopped first: its torchrun says why"
+    return f"{where} failed: {message}"
+
+
+def join(processes: int, device: torch.device) -> tuple[Rank, torch.device]:
+    """Join the job torchrun started: Gloo on CPU, NCCL on CUDA with one GPU per process."""
+    world_size, local_rank = int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    if world_size != processes:
+        raise ParamsError(PARAMS_FILE, "train.processes", f"{processes}, but torchrun started {world_size} processes "
+                          "in all (WORLD_SIZE); make them agree on every machine")
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return Rank(dist.get_rank(), local_rank, world_size, backend), device
+
+
+def check_same_inputs(params: Params, arrays: list, code: list[Path]) -> None:
+    """Refuse to train when processes differ in params, data or code: they would train different models silently."""
+    def digest(chunks: list[bytes]) -> str:
+        hasher = hashlib.sha256()
+        for chunk in chunks:
+            hasher.update(chunk)
+        return hasher.hexdigest()
+
+    mine = {
+        PARAMS_FILE: digest([json.dumps(flatten(params), sort_keys=True).encode()]),
+        "data": digest([memoryview(a).cast("B") for a in arrays]),
+        "code": digest([path.read_bytes() for path in code] + [torch.__version__.encode()]),
+    }
+    everyone: list[dict[str, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    differ = sorted({key for other in everyone for key in mine if other[key] != everyone[0][key]})
+    if differ:
+        ranks = [rank for rank, other in enumerate(everyone) if other != everyone[0]]
+        raise PipelineError(f"{', '.join(differ)} of ranks {ranks} differ from rank 0's: every machine needs the same "
+                            "commit, params.yaml and data (`dvc pull`)")
+
+
+def one_line(err: BaseException) -> str:
+    """An exception as one line: a PipelineError's own message, else its type and first line."""
+    if isinstance(err, PipelineError):
+        return str(err)
+    if isinstance(err, KeyboardInterrupt):
+        return f"interrupted{f' ({err})' if str(err) else ''}"
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def run_rank(main: Callable[[], None]) -> None:
+    """Run one process of the job: a failure goes in one line to the error file torchrun reads, exit code 1.
+
+    torchrun stops the other processes with SIGTERM when one fails: raised as KeyboardInterrupt here, it lets
+    atomic writes remove their temporary files.
+    """
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        main()
+    except BaseException as err:  # every failure, so that torchrun learns its cause
+        if isinstance(err, SystemExit) and err.code in (0, None):
+            raise
+        _record_failure(err)
+        sys.stdout.flush()
+        os._exit(1)  # not sys.exit: interpreter shutdown could wait on peers that are gone
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _record_failure(err: BaseException) -> None:
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    # A collective that fails because a peer is gone raises one of torch.distributed's errors, or Gloo's RuntimeError.
+    lost = isinstance(err, dist.DistError) or isinstance(err, RuntimeError) and "/gloo/" in str(err)
+    now = time.time()
+    # torchrun reads message and timestamp (whole seconds); describe_failure orders by the finer time.
+    data = {"message": {"message": one_line(err),
+                        "extraInfo": {"timestamp": str(int(now)), "time": repr(now), LOST: str(lost).lower()}}}
+    if path:
+        Path(path).write_text(json.dumps(data))
+    else:
+        print(f"error: {one_line(err)}", file=sys.stderr, flush=True)
