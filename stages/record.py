@@ -161,15 +161,14 @@ def main() -> None:
             if existing is None:
                 version = log_model(args.model, args.raw, params, tags)
                 origin = "trained here"
+                # What the champion is chosen by: validation accuracy, never the test set's.
+                tracking.retry_busy(mlflow.MlflowClient().set_model_version_tag, registered, version,
+                                    tracking.VAL_ACC_TAG, str(summary["best_val_acc"]))
             else:
                 version = existing.version
                 origin = f"same model file as run {existing.run_id}"
                 tracking.retry_busy(mlflow.set_tags, {"model.run_id": existing.run_id})
             tracking.retry_busy(mlflow.set_tags, {"model.version": f"{registered}/{version}"})
-            # The same model file always has the same validation accuracy; versions registered before
-            # the alias existed get their tag here.
-            tracking.retry_busy(mlflow.MlflowClient().set_model_version_tag, registered, version,
-                                tracking.VAL_ACC_TAG, str(summary["best_val_acc"]))
             champion = tracking.crown_champion(store, registered)
     atomic_write_text(args.marker, MARKER_TEXT)
     print(f"record: MLflow run '{name}' ({run.info.run_id}) in {store.uri}, model {registered} version {version} "
