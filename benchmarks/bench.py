@@ -190,9 +190,12 @@ def serving_rates(images: np.ndarray, model_path: Path, threads: int, requests: 
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("mlflow models serve did not start")
                 time.sleep(0.5)
+            connection.close()
             for name, (size, payload) in payloads.items():
                 body = json.dumps(payload).encode()
                 count = requests if size == 1 else max(10, requests // 10)
+                # A connection per payload: the server drops one left idle while the forward pass is timed.
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
                 served = []
                 for i in range(count + 3):  # three to warm up
                     start = time.perf_counter()
@@ -203,6 +206,7 @@ def serving_rates(images: np.ndarray, model_path: Path, threads: int, requests: 
                         raise RuntimeError(f"mlflow models serve answered {response.status}: {answer[:200]!r}")
                     if i >= 3:
                         served.append(time.perf_counter() - start)
+                connection.close()
                 x = to_tensor(images[:size])
                 forward = []
                 with torch.inference_mode():
@@ -214,7 +218,6 @@ def serving_rates(images: np.ndarray, model_path: Path, threads: int, requests: 
                 serve_stats, forward_stats = latency_stats(served), latency_stats(forward)
                 result[name] = {"batch": size, "serve": serve_stats, "forward": forward_stats,
                                 "ratio": round(serve_stats["per_s"] / forward_stats["per_s"], 4)}
-            connection.close()
         finally:
             server.terminate()
             server.wait(timeout=60)

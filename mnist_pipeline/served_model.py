@@ -1,7 +1,7 @@
 """The served model, logged by MLflow's models-from-code: digits as people have them in, digit and probabilities out.
 
 The record stage passes this file as `python_model`, the weights as an artifact and the package's modules this
-file imports (SERVED_CODE) as code, so the logged model holds source and a weights file loaded with
+file imports (record's SERVED_CODE) as code, so the logged model holds source and a weights file loaded with
 weights_only=True: nothing pickled. MLflow runs this file when it loads the model; `set_model` at the end names
 the model it serves.
 """
@@ -20,8 +20,6 @@ from mnist_pipeline.digits import DigitError, read_batch, to_tensor
 from mnist_pipeline.model import Net
 
 WEIGHTS = "weights"  # the artifact's name
-# The package's files this model runs: logged with it, and hashed to tell one version's code from another's.
-SERVED_CODE = ("__init__.py", "digits.py", "model.py", "served_model.py")
 CHUNK = 1000  # images per forward pass, as evaluate's batch_size: memory stays flat for any batch
 
 

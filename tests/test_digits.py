@@ -111,7 +111,8 @@ def test_image_files_of_any_size_and_polarity_become_the_same_digit(variant: str
     (encode(Image.fromarray(SEVEN), "GIF"), "not a PNG or JPEG file"),
     (encode(Image.fromarray(SEVEN))[:60], "a damaged PNG file"),
     (encode(Image.new("L", (50, 50), 200)), "no digit found: the image is one flat shade"),
-    (encode(Image.new("L", (5000, 4000), 0)), "5000x4000 pixels is over the limit of 4096x4096"),
+    (encode(Image.new("L", (5000, 4000), 0)), "5000x4000 pixels is over the limit of 16.7 megapixels"),
+    (encode(Image.new("1", (14000, 14000), 0)), "over the limit of 16.7 megapixels"),  # past Pillow's own limit
 ])
 def test_bad_image_files_are_refused_in_one_line(data: bytes, message: str) -> None:
     with pytest.raises(DigitError) as info:

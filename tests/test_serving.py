@@ -150,7 +150,8 @@ def test_readme_python_predicts_the_test_set_with_evaluates_accuracy(repo: Path)
     assert int(re.search(r"^digit (\d)$", out, re.M).group(1)) == label_of(code)
 
 
-def test_the_logged_model_holds_no_pickle_and_serves_its_own_input_example(repo: Path, tmp_path: Path) -> None:
+def test_the_logged_model_holds_no_pickle_and_serves_its_own_input_example(repo: Path, server: str,
+                                                                           tmp_path: Path) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     folder = Path(mlflow.artifacts.download_artifacts("models:/mnist-cnn@champion", dst_path=str(tmp_path)))
     files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
@@ -158,5 +159,5 @@ def test_the_logged_model_holds_no_pickle_and_serves_its_own_input_example(repo:
     assert {"served_model.py", "artifacts/model.pt", "code/mnist_pipeline/digits.py"} <= files
     example = json.loads((folder / "serving_input_example.json").read_text())
     assert example == example_request(REPO / "examples/digits/0_7.png")
-    answer = mlflow.models.validate_serving_input("models:/mnist-cnn@champion", example)
-    assert answer["digit"].tolist() == [7]
+    status, answer = post(server, example)  # the input example, as logged, accepted as is
+    assert status == 200 and [p["digit"] for p in answer["predictions"]] == [7]
