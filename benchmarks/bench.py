@@ -12,9 +12,13 @@ It prints a table and writes the same numbers to reports/benchmark.json. No test
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
+import http.client
+import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchvision
+from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from mnist_pipeline.data import load_mnist
@@ -32,7 +37,7 @@ from mnist_pipeline.files import atomic_write_json
 from mnist_pipeline.model import Net
 from mnist_pipeline.params import Params, load_params
 from mnist_pipeline.stage_commands import stage_commands
-from mnist_pipeline.training import make_deterministic, predict, to_tensor, train
+from mnist_pipeline.training import load_state_dict, make_deterministic, predict, to_tensor, train
 
 STAGES = ("download", "split", "train", "evaluate", "plot", "record")
 
@@ -229,6 +234,94 @@ def recording_seconds(repeats: int) -> dict:
     return {"new_model_s": round(times[0], 2), "known_model_s": round(min(times[1:]), 2)}
 
 
+def latency_stats(seconds: list[float]) -> dict[str, float]:
+    """Calls a second (one after another), median and 99th-percentile latency in milliseconds."""
+    return {"per_s": round(len(seconds) / sum(seconds), 1), "p50_ms": round(1000 * float(np.median(seconds)), 2),
+            "p99_ms": round(1000 * float(np.percentile(seconds, 99)), 2)}
+
+
+def serving_rates(images: np.ndarray, model_path: Path, threads: int, requests: int) -> dict:
+    """`mlflow models serve` on single images and batches of 256, against the network's forward pass here.
+
+    The record stage logs this workspace's model into a temporary store; the server runs it with the same
+    thread count as the forward pass timed in this process, and one client sends requests one after another
+    over one connection. Each row's ratio is the server's rate over the bare forward pass's at that batch size.
+    """
+    png = io.BytesIO()
+    Image.fromarray(images[0]).save(png, format="PNG")
+    payloads = {"single image (pixels)": (1, {"inputs": images[:1].tolist()}),
+                "single image (PNG file)": (1, {"inputs": [base64.b64encode(png.getvalue()).decode()]}),
+                "batch of 256 (pixels)": (256, {"inputs": images[:256].tolist()})}
+    net = Net()
+    load_state_dict(model_path, net)
+    net.eval()
+    torch.set_num_threads(threads)
+    result = {}
+    with tempfile.TemporaryDirectory() as root:
+        env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+        args = stage_commands()["record"]
+        args[args.index("--marker") + 1] = f"{root}/recorded"
+        subprocess.run([sys.executable, "-m", "stages.record", *args], check=True, capture_output=True,
+                       env={**env, "DVC_ROOT": root})
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        # `timeout` stops the server even if this process is killed first.
+        server = subprocess.Popen(
+            ["timeout", "1800", sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/mnist-cnn@champion",
+             "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port)],
+            env={**env, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db", "OMP_NUM_THREADS": str(threads)},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        try:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    connection.request("GET", "/ping")
+                    ping = connection.getresponse()
+                    ping.read()
+                    if ping.status == 200:
+                        break
+                except OSError:
+                    connection.close()
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("mlflow models serve did not start")
+                time.sleep(0.5)
+            connection.close()
+            for name, (size, payload) in payloads.items():
+                body = json.dumps(payload).encode()
+                count = requests if size == 1 else max(10, requests // 10)
+                # A connection per payload: the server drops one left idle while the forward pass is timed.
+                connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+                served = []
+                for i in range(count + 3):  # three to warm up
+                    start = time.perf_counter()
+                    connection.request("POST", "/invocations", body, {"Content-Type": "application/json"})
+                    response = connection.getresponse()
+                    answer = response.read()
+                    if response.status != 200:
+                        raise RuntimeError(f"mlflow models serve answered {response.status}: {answer[:200]!r}")
+                    if i >= 3:
+                        served.append(time.perf_counter() - start)
+                connection.close()
+                x = to_tensor(images[:size])
+                forward = []
+                with torch.inference_mode():
+                    for i in range(count + 3):
+                        start = time.perf_counter()
+                        net(x)
+                        if i >= 3:
+                            forward.append(time.perf_counter() - start)
+                serve_stats, forward_stats = latency_stats(served), latency_stats(forward)
+                result[name] = {"batch": size, "serve": serve_stats, "forward": forward_stats,
+                                "ratio": round(serve_stats["per_s"] / forward_stats["per_s"], 4)}
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    return result
+
+
 def evaluation_seconds(data: dict[str, tuple[torch.Tensor, torch.Tensor]], params: Params) -> float:
     """Seconds to score the 10,000 test images, best of three."""
     model = Net()
@@ -283,6 +376,7 @@ def main() -> None:
     parser.add_argument("--probe-every", type=int, default=100, help="iterations between accuracy probes")
     parser.add_argument("--peer-budget-s", type=float, default=150.0,
                         help="training seconds PyTorch's example recipe gets to reach 99.0%% test accuracy")
+    parser.add_argument("--serve-requests", type=int, default=300, help="single-image requests to the server")
     parser.add_argument("--out", type=Path, default=Path("reports/benchmark.json"))
     parser.add_argument("--ddp-worker", action="store_true", help="(run by torchrun for the DDP figures)")
     args = parser.parse_args()
@@ -311,6 +405,7 @@ def main() -> None:
                                              args.peer_budget_s),
         "record_s": recording_seconds(args.repeats),
         "evaluate_10k_s": evaluation_seconds(data, params),
+        "serving": serving_rates(test_images, Path("models/model.pt"), params.train.num_threads, args.serve_requests),
         "startup_s": startup_seconds(),
         "noop_dvc_repro_s": noop_repro_seconds(),
         "gpu_epoch_s": gpu_epoch_seconds(data, params),
@@ -319,6 +414,19 @@ def main() -> None:
     }
     atomic_write_json(args.out, report)
     print_table(report)
+
+
+def serving_rows(serving: dict) -> list[tuple[str, str]]:
+    """Per payload: the server's rate and latency, the forward pass's, and their ratio."""
+    rows = []
+    for name, r in serving.items():
+        s, f = r["serve"], r["forward"]
+        rows += [(f"mlflow models serve, {name}",
+                  f"{s['per_s']} requests/s, p50 {s['p50_ms']} ms, p99 {s['p99_ms']} ms"),
+                 (f"  forward pass, batch of {r['batch']}", f"{f['per_s']} calls/s, p50 {f['p50_ms']} ms, "
+                  f"p99 {f['p99_ms']} ms"),
+                 ("  ratio, serving / forward pass", f"{r['ratio']}x")]
+    return rows
 
 
 def print_table(report: dict) -> None:
@@ -347,6 +455,7 @@ def print_table(report: dict) -> None:
         ("tracking overhead, (training + record) / training",
          f"{(r['train_seconds'] + k['new_model_s']) / r['train_seconds']:.3f}"),
         ("evaluate 10,000 test images", f"{report['evaluate_10k_s']} s"),
+        *serving_rows(report["serving"]),
         *((f"start-up of stage {s}", f"{v} s") for s, v in report["startup_s"].items()),
         ("no-op `dvc repro`", "n/a (not up to date)" if report["noop_dvc_repro_s"] is None
          else f"{report['noop_dvc_repro_s']} s"),

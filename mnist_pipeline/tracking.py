@@ -29,10 +29,15 @@ T = TypeVar("T")
 BUSY_RETRIES = 8
 # The tag that ties a run and a registered model version to the exact model file (SHA-256 of its bytes).
 MODEL_TAG = "model_sha256"
+# The tag that ties them to the code the served model runs (record's SERVED_CODE): new code, new version.
+CODE_TAG = "served_code_sha256"
 # Marks the experiment as model training. MLflow 3.17's UI lets its sidebar switch decide instead (see the
 # README), but earlier UIs and MLflow's own search read this tag.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 WORKSPACE_RUN_NAME = "workspace"
+# The registry alias `mlflow models serve -m models:/mnist-cnn@champion` serves, and what it is chosen by.
+CHAMPION = "champion"
+VAL_ACC_TAG = "train.best_val_acc"
 # What a store can raise when it is broken, full or unreachable.
 STORE_ERRORS = (MlflowException, SQLAlchemyError, OSError, requests.RequestException)
 
@@ -197,11 +202,12 @@ def flat_metrics(report: dict[str, object], prefix: str = "") -> dict[str, float
     return flat
 
 
-def find_model_version(name: str, model_sha256: str) -> ModelVersion | None:
-    """The registered version of exactly this model file, if an earlier result registered it."""
+def find_model_version(name: str, model_sha256: str, code_sha256: str) -> ModelVersion | None:
+    """The registered version of exactly this model file and served code, if an earlier result registered it."""
     versions = retry_busy(
         mlflow.MlflowClient().search_model_versions,
-        filter_string=f"name = '{name}' and tags.{MODEL_TAG} = '{model_sha256}'",
+        filter_string=(f"name = '{name}' and tags.{MODEL_TAG} = '{model_sha256}' "
+                       f"and tags.{CODE_TAG} = '{code_sha256}'"),
     )
     return min(versions, key=lambda v: int(v.version), default=None)
 
@@ -209,7 +215,7 @@ def find_model_version(name: str, model_sha256: str) -> ModelVersion | None:
 def tag_model_version(name: str, version: str, tags: dict[str, str]) -> None:
     """Tie a registered model version to its model file, DVC experiment and git commit."""
     client = mlflow.MlflowClient()
-    for key in (MODEL_TAG, "dvc.exp_name", "dvc.exp_baseline_rev", "mlflow.source.git.commit"):
+    for key in (MODEL_TAG, CODE_TAG, "dvc.exp_name", "dvc.exp_baseline_rev", "mlflow.source.git.commit"):
         if key in tags:
             retry_busy(client.set_model_version_tag, name, version, key.removeprefix("mlflow.source."), tags[key])
 
@@ -236,3 +242,30 @@ def record_failed_training(store: Store, params: Params, outputs: list[Path], ca
     except StoreError as err:
         return str(err)
     return f"MLflow run '{name}' ({run.info.run_id}) is marked FAILED"
+
+
+def crown_champion(store: Store, name: str) -> ModelVersion | None:
+    """Point the alias `champion` at the version with the best validation accuracy (never test accuracy).
+
+    Among equals the latest version wins: the same weights logged again with newer serving code (record's
+    SERVED_CODE) replace the older. Recomputed from every version's tag, under the store's lock for a
+    local store, so results recorded at once (a queue with -j 2) end with the right champion in any order.
+    Returns the version the alias moved to, or None when it stayed.
+    """
+    client = mlflow.MlflowClient()
+    lock = None if store.database is None else store.database.with_name(f"{store.database.name}.lock").open("w")
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        versions = retry_busy(client.search_model_versions, filter_string=f"name = '{name}'")
+        scored = [v for v in versions if VAL_ACC_TAG in v.tags]
+        if not scored:
+            return None
+        best = max(scored, key=lambda v: (float(v.tags[VAL_ACC_TAG]), int(v.version)))
+        if CHAMPION in (best.aliases or []):
+            return None
+        retry_busy(client.set_registered_model_alias, name, CHAMPION, best.version)
+        return best
+    finally:
+        if lock is not None:
+            lock.close()

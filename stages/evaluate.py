@@ -10,12 +10,13 @@ import torch
 import torch.nn.functional as F
 
 from mnist_pipeline.data import NUM_CLASSES, load_mnist
+from mnist_pipeline.digits import to_tensor
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.files import atomic_write_json, atomic_write_text
 from mnist_pipeline.losses import manual_cross_entropy, multiclass_svm_loss
 from mnist_pipeline.model import Net
 from mnist_pipeline.params import load_params
-from mnist_pipeline.training import load_state_dict, predict, to_tensor
+from mnist_pipeline.training import load_state_dict, predict
 
 CE_TOLERANCE = 1e-5
 

@@ -10,6 +10,7 @@ import mlflow
 import pytest
 import yaml
 
+from mnist_pipeline.data import load_mnist
 from tests.conftest import copy_project, dvc
 
 @pytest.mark.slow
@@ -47,6 +48,11 @@ def test_dvc_repro_on_real_data_reproduces_the_committed_results(tmp_path: Path,
         "figures/predictions.png", "figures/misclassified.png", "figures/confusion_matrix.png"}
     (version,) = client.search_model_versions("name = 'mnist-cnn'")
     assert version.run_id == run.info.run_id and run.data.tags["model.version"] == f"mnist-cnn/{version.version}"
+    # The README serves the champion: it reads the 10,000 test images as uint8 arrays with the committed accuracy.
+    assert version.aliases == ["champion"]
+    images, labels = load_mnist(clone / "data/raw", "t10k")
+    answer = mlflow.pyfunc.load_model("models:/mnist-cnn@champion").predict(images)
+    assert (answer["digit"].to_numpy() == labels).mean() == pytest.approx(metrics["accuracy"], abs=1e-9)
 
     again = dvc(clone, "repro")
     assert "Data and pipelines are up to date." in again.stdout

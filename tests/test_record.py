@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import shutil
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from mlflow.entities import LoggedModelStatus
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.store import resolve_store
 from stages import plot, record
-from tests.conftest import REPO, pipeline_commands, project_env
+from tests.conftest import REPO, pipeline_commands, project_env, run_pipeline, shrunk_params
 from tests.test_faults import assert_refused, snapshot
 
 MARKER = Path(pipeline_commands()["record"][-1])
@@ -99,3 +100,37 @@ def test_a_store_failure_after_training_keeps_the_model_and_fails_the_run(done: 
 
     record_main(monkeypatch)  # once the store is fixed, the same command records the result
     assert runs()[-1].info.status == "FINISHED" and marker.exists()
+
+
+def champion() -> tuple[str, float]:
+    """The version `models:/mnist-cnn@champion` serves, and the validation accuracy it was chosen by."""
+    version = mlflow.MlflowClient().get_model_version_by_alias("mnist-cnn", "champion")
+    return str(version.version), float(version.tags["train.best_val_acc"])
+
+
+def train_and_record(tiny: tuple[Path, tuple], monkeypatch: pytest.MonkeyPatch, **train: object) -> float:
+    """The whole pipeline on the tiny data with these train params; the validation accuracy it reached."""
+    Path("params.yaml").write_text(yaml.safe_dump(shrunk_params(**train), sort_keys=False))
+    run_pipeline(*tiny, monkeypatch)
+    return json.loads(Path("reports/train.json").read_text())["train"]["best_val_acc"]
+
+
+def test_champion_is_the_best_validation_accuracy_whatever_the_order(workdir: Path, tiny_mnist, monkeypatch) -> None:
+    crippled = train_and_record(tiny_mnist, monkeypatch, lr=1e-6)  # barely moves from its initial weights
+    assert champion() == ("1", crippled)
+    kept = {path: path.read_bytes() for path in [Path("models/model.pt"), *Path("reports").rglob("*.*")]}
+
+    learned = train_and_record(tiny_mnist, monkeypatch)
+    assert learned > crippled, "the real recipe must beat lr=1e-6, or this test checks nothing"
+    assert champion() == ("2", learned)  # a better model registered: the alias moves
+
+    # The worse result back in the workspace (as `dvc exp apply` would do), recorded again: the alias stays.
+    for path, data in kept.items():
+        path.write_bytes(data)
+    MARKER.unlink()
+    record_main(monkeypatch)
+    assert runs()[-1].data.tags["model.version"] == "mnist-cnn/1"
+    assert champion() == ("2", learned)
+    # Test accuracy plays no part: the tags hold train.json's validation accuracy, not metrics.json's test one.
+    versions = mlflow.MlflowClient().search_model_versions("name = 'mnist-cnn'")
+    assert sorted(float(v.tags["train.best_val_acc"]) for v in versions) == [crippled, learned]

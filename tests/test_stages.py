@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from mnist_pipeline import tracking
-from mnist_pipeline.data import MnistFile
+from mnist_pipeline.data import MnistFile, load_mnist
 from mnist_pipeline.files import sha256_file
 from mnist_pipeline.store import resolve_store
 from tests.conftest import free_port, get_json, idx_bytes, project_env, run_pipeline, serving, tiny_arrays
@@ -66,9 +66,12 @@ def test_one_mlflow_run_holds_training_evaluation_and_figures(pipeline: Path) ->
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "figures")}
     assert artifacts == {"figures/predictions.png", "figures/misclassified.png", "figures/confusion_matrix.png"}
     assert run.info.artifact_uri.startswith((pipeline / "mlartifacts").as_uri())
-    model = mlflow.pyfunc.load_model(f"models:/mnist-cnn/1")
-    images = np.zeros((3, 1, 28, 28), dtype=np.float32)
-    assert model.predict(images).shape == (3, 10)
+    # The served model reads the test images as they are and predicts what evaluate did.
+    model = mlflow.pyfunc.load_model("models:/mnist-cnn@champion")
+    answer = model.predict(load_mnist(Path("data/raw"), "t10k")[0])
+    evaluated = [int(row.split(",")[2]) for row in Path("reports/predictions.csv").read_text().splitlines()[1:]]
+    assert answer["digit"].tolist() == evaluated
+    assert np.allclose(np.stack(answer["probabilities"]).sum(1), 1)
 
 
 @pytest.mark.slow  # starting `mlflow server` alone takes about half a minute

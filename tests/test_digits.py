@@ -1,0 +1,154 @@
+"""The served model's preprocessing on its own: pixel arrays checked, image files made as MNIST's, bad items refused."""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+from mnist_pipeline import digits
+from mnist_pipeline.digits import DigitError, check_pixels, decode_image, read_batch, to_tensor
+from tests.conftest import REPO
+
+EXAMPLES = REPO / "examples" / "digits"
+# examples/digits/0_7.png holds the first MNIST test image exactly as MNIST stores it.
+SEVEN = np.array(Image.open(EXAMPLES / "0_7.png"))
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **options)
+    return buffer.getvalue()
+
+
+def similarity(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel().astype(float), b.ravel().astype(float))[0, 1])
+
+
+def test_to_tensor_normalizes_as_torchvision_does() -> None:
+    """The reference: torchvision's ToTensor then Normalize with the same mean and standard deviation."""
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    expected = torch.stack([TF.normalize(TF.to_tensor(i), [digits.PIXEL_MEAN], [digits.PIXEL_STD]) for i in images])
+    assert torch.allclose(to_tensor(images), expected, atol=1e-6)
+
+
+def test_whole_numbers_0_255_of_any_numeric_type_are_pixels() -> None:
+    assert check_pixels(SEVEN[None]) is not None and check_pixels(SEVEN[None]).dtype == np.uint8
+    for dtype in (np.int64, np.float32, np.float64, object):
+        assert np.array_equal(check_pixels(SEVEN[None].astype(dtype)), SEVEN[None])
+
+
+@pytest.mark.parametrize(("values", "message"), [
+    (SEVEN[None] / 255.0, "pixels must be whole numbers 0-255"),  # scaled to 0-1 by hand: refused, not misread
+    (to_tensor(SEVEN[None]).numpy()[:, 0], "pixels must be whole numbers 0-255"),  # normalized by hand
+    (np.full((1, 28, 28), 300), "got 300 at image 0, row 0, column 0"),
+    (np.full((1, 28, 28), -1.0), "got -1 at image 0"),
+    (np.full((1, 28, 28), np.nan), "got nan at image 0"),
+    (np.zeros((1, 28, 27)), "expected N images of 28x28 pixels, got an array of shape (1, 28, 27)"),
+    (np.zeros((2, 1, 28, 28), np.float32), "got an array of shape (2, 1, 28, 28)"),  # the old input
+    (np.zeros((1, 28, 28), bool), "expected numbers 0-255, got bool"),
+    (np.full((1, 28, 28), "seven", dtype=object), "expected numbers 0-255, got str"),
+])
+def test_bad_pixels_are_refused_in_one_line(values: np.ndarray, message: str) -> None:
+    with pytest.raises(DigitError) as info:
+        check_pixels(values)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def assert_mnist_shaped(pixels: np.ndarray) -> None:
+    """As MNIST made its digits: 28x28, the digit's box 20 pixels on its longer side, its centre of mass mid-image."""
+    assert pixels.shape == (28, 28) and pixels.dtype == np.uint8
+    rows, cols = np.flatnonzero(pixels.any(1)), np.flatnonzero(pixels.any(0))
+    assert max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 in (20, 21)  # antialiasing may spill into one more
+    mass = pixels.astype(float) / pixels.sum()
+    centre = (mass.sum(1) @ np.arange(28), mass.sum(0) @ np.arange(28))
+    assert np.allclose(centre, 14, atol=0.5), centre
+    assert pixels[0].max() == pixels[-1].max() == pixels[:, 0].max() == pixels[:, -1].max() == 0  # black margins
+
+
+def test_an_mnist_digit_as_png_comes_back_as_itself() -> None:
+    pixels = decode_image((EXAMPLES / "0_7.png").read_bytes())
+    assert_mnist_shaped(pixels)
+    assert similarity(pixels, SEVEN) > 0.99
+
+
+@pytest.mark.parametrize("variant", ["dark ink on paper, large, off-centre", "JPEG photo of gray ink",
+                                     "RGB", "transparent canvas", "rotated by its EXIF tag"])
+def test_image_files_of_any_size_and_polarity_become_the_same_digit(variant: str) -> None:
+    big = Image.fromarray(SEVEN).resize((140, 140), Image.Resampling.BICUBIC)
+    if variant == "dark ink on paper, large, off-centre":
+        page = Image.new("L", (300, 200), 255)
+        page.paste(Image.fromarray(255 - np.asarray(big)), (150, 10))
+        data = encode(page)
+    elif variant == "JPEG photo of gray ink":
+        ink = Image.fromarray((230 - np.asarray(big) * (190 / 255)).astype(np.uint8))
+        page = Image.new("L", (200, 260), 230)
+        page.paste(ink, (30, 60))
+        data = encode(page.convert("RGB"), "JPEG", quality=80)
+    elif variant == "RGB":
+        data = encode(Image.merge("RGB", [big] * 3))
+    elif variant == "transparent canvas":
+        canvas = Image.new("RGBA", big.size, (0, 0, 0, 0))
+        canvas.putalpha(big)  # black ink, drawn where alpha is
+        data = encode(canvas)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = 6  # the camera turned: shown rotated 90 degrees clockwise
+        data = encode(big.rotate(90, expand=True).convert("RGB"), "JPEG", quality=95, exif=exif)
+    pixels = decode_image(data)
+    assert_mnist_shaped(pixels)
+    assert similarity(pixels, SEVEN) > 0.9
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    (b"hello world", "not a PNG or JPEG file (11 bytes starting b'hello wo')"),
+    (encode(Image.fromarray(SEVEN), "GIF"), "not a PNG or JPEG file"),
+    (encode(Image.fromarray(SEVEN))[:60], "a damaged PNG file"),
+    (encode(Image.new("L", (50, 50), 200)), "no digit found: the image is one flat shade"),
+    (encode(Image.new("L", (5000, 4000), 0)), "5000x4000 pixels is over the limit of 16.7 megapixels"),
+    (encode(Image.new("1", (14000, 14000), 0)), "over the limit of 16.7 megapixels"),  # past Pillow's own limit
+])
+def test_bad_image_files_are_refused_in_one_line(data: bytes, message: str) -> None:
+    with pytest.raises(DigitError) as info:
+        decode_image(data, "inputs[3]")
+    assert str(info.value).startswith("inputs[3]: ") and message in str(info.value), str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_a_batch_mixes_pixels_and_files_given_as_bytes_or_base64() -> None:
+    png = (EXAMPLES / "0_7.png").read_bytes()
+    batch = read_batch([SEVEN.tolist(), png, base64.b64encode(png).decode(), np.str_(base64.b64encode(png).decode())])
+    assert batch.shape == (4, 28, 28) and batch.dtype == np.uint8
+    assert np.array_equal(batch[0], SEVEN)
+    assert all(np.array_equal(batch[i], decode_image(png)) for i in (1, 2, 3))
+    assert np.array_equal(read_batch(np.stack([SEVEN] * 3)), np.stack([SEVEN] * 3))  # the fast path, as is
+
+
+@pytest.mark.parametrize(("batch", "message"), [
+    ([], "inputs: an empty batch; send at least one image"),
+    (np.zeros((0, 28, 28), np.uint8), "inputs: an empty batch"),
+    ([b""] * (digits.MAX_BATCH + 1), "inputs: 10001 images is over the limit of 10,000 a request; split the batch"),
+    ("iVBORw0KGgo=", "inputs: expected a list of images (28x28 pixel arrays or base64 PNG/JPEG files), got str"),
+    ([SEVEN.tolist(), "not base64!"], "inputs[1]: text that is not base64"),
+    ([SEVEN.tolist(), None], "inputs[1]: expected 28x28 pixels or a base64 PNG/JPEG file, got null"),
+    ([[[1, 2], [3]]], "inputs[0]: expected 28x28 pixels, got rows of different lengths"),
+    ([SEVEN.ravel().tolist()],
+     "inputs[0]: expected 28x28 pixels or a base64 PNG/JPEG file, got an array of shape (784,)"),
+])
+def test_bad_batches_are_refused_in_one_line(batch: object, message: str) -> None:
+    with pytest.raises(DigitError) as info:
+        read_batch(batch)
+    assert str(info.value).startswith(message), str(info.value)
+
+
+def test_example_files_are_mnist_shaped_after_preprocessing() -> None:
+    files = sorted(EXAMPLES.iterdir())
+    assert {p.suffix for p in files} == {".png", ".jpg"} and len(files) >= 4
+    for path in files:
+        assert_mnist_shaped(decode_image(path.read_bytes(), path.name))
