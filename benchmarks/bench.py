@@ -221,16 +221,9 @@ def recording_seconds(repeats: int) -> dict:
     first call creates the store and logs the model; the next ones find that model registered and
     only point at it, as a plot-only experiment does.
     """
-    times = []
     with tempfile.TemporaryDirectory() as root:
         env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-        args = stage_commands()["record"]
-        args[args.index("--marker") + 1] = f"{root}/recorded"  # leave the workspace's marker alone
-        command = [sys.executable, "-m", "stages.record", *args]
-        for _ in range(1 + repeats):
-            start = time.perf_counter()
-            subprocess.run(command, check=True, capture_output=True, env={**env, "DVC_ROOT": root})
-            times.append(time.perf_counter() - start)
+        times = [record_once(env, root) for _ in range(1 + repeats)]
     return {"new_model_s": round(times[0], 2), "known_model_s": round(min(times[1:]), 2)}
 
 
@@ -322,6 +315,69 @@ def serving_rates(images: np.ndarray, model_path: Path, threads: int, requests: 
     return result
 
 
+def team_server_ratio(repeats: int) -> dict | None:
+    """The record stage against the team server (PostgreSQL, logins, artifacts over HTTP) over local SQLite.
+
+    Both stores start empty and get the same calls, alternating so that both share the machine's load: a
+    first one that logs and registers the model, then `repeats` that find it registered. None without PostgreSQL.
+    """
+    import secrets
+    import shutil
+    import statistics
+
+    from mnist_pipeline.errors import PipelineError
+    from mnist_pipeline.team_server import pg_bin
+
+    try:
+        pg_bin("initdb")
+    except PipelineError:
+        return None
+    base = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    admin = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(16)}
+    data = Path(tempfile.mkdtemp(prefix="mnist-bench-team-"))
+    data.chmod(0o711)  # PostgreSQL runs as `postgres` under root: it must reach its folder
+    server = [sys.executable, "-m", "mnist_pipeline.team_server"]
+    port, db_port = free_port(), free_port()
+    try:
+        subprocess.run([*server, "start", "--data", str(data), "--port", str(port), "--db-port", str(db_port),
+                        "--stop-after", "3600"], check=True, capture_output=True,
+                       env={**base, "MLFLOW_AUTH_ADMIN_PASSWORD": admin["MLFLOW_TRACKING_PASSWORD"]})
+        stores = {"sqlite": {}, "server": {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", **admin}}
+        times: dict[str, list[float]] = {"sqlite": [], "server": []}
+        with tempfile.TemporaryDirectory() as root:
+            for i in range(1 + repeats):
+                for name in (("sqlite", "server") if i % 2 == 0 else ("server", "sqlite")):
+                    times[name].append(record_once({**base, **stores[name]}, f"{root}/{name}"))
+    finally:
+        subprocess.run([*server, "stop", "--data", str(data)], capture_output=True)
+        shutil.rmtree(data, ignore_errors=True)
+    known = [s / q for s, q in zip(times["server"][1:], times["sqlite"][1:])]
+    return {"new_model_sqlite_s": round(times["sqlite"][0], 2), "new_model_server_s": round(times["server"][0], 2),
+            "new_model_ratio": round(times["server"][0] / times["sqlite"][0], 2),
+            "known_model_ratio_median": round(statistics.median(known), 2),
+            "known_model_ratio_min": round(min(known), 2), "known_model_ratio_max": round(max(known), 2),
+            "pairs": len(known)}
+
+
+def record_once(env: dict[str, str], root: str) -> float:
+    """Seconds of one record stage on this workspace's outputs, its marker (and a local store) under `root`."""
+    Path(root).mkdir(exist_ok=True)
+    args = stage_commands()["record"]
+    args[args.index("--marker") + 1] = f"{root}/recorded"  # leave the workspace's marker alone
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "stages.record", *args], check=True, capture_output=True,
+                   env={**env, "DVC_ROOT": root})
+    return time.perf_counter() - start
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def evaluation_seconds(data: dict[str, tuple[torch.Tensor, torch.Tensor]], params: Params) -> float:
     """Seconds to score the 10,000 test images, best of three."""
     model = Net()
@@ -404,6 +460,7 @@ def main() -> None:
         "peer_recipe": peer_time_to_accuracy(data, params.seed, params.train.num_threads, 0.99, 400,
                                              args.peer_budget_s),
         "record_s": recording_seconds(args.repeats),
+        "team_server": team_server_ratio(args.repeats),
         "evaluate_10k_s": evaluation_seconds(data, params),
         "serving": serving_rates(test_images, Path("models/model.pt"), params.train.num_threads, args.serve_requests),
         "startup_s": startup_seconds(),
@@ -454,6 +511,7 @@ def print_table(report: dict) -> None:
         ("record stage, a model already registered", f"{k['known_model_s']} s"),
         ("tracking overhead, (training + record) / training",
          f"{(r['train_seconds'] + k['new_model_s']) / r['train_seconds']:.3f}"),
+        *team_server_rows(report["team_server"]),
         ("evaluate 10,000 test images", f"{report['evaluate_10k_s']} s"),
         *serving_rows(report["serving"]),
         *((f"start-up of stage {s}", f"{v} s") for s, v in report["startup_s"].items()),
@@ -464,6 +522,18 @@ def print_table(report: dict) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+
+
+def team_server_rows(team: dict | None) -> list[tuple[str, str]]:
+    if team is None:
+        return [("record stage, team server / local SQLite", "n/a (no PostgreSQL)")]
+    return [
+        ("record stage, team server / local SQLite, a new model",
+         f"{team['new_model_ratio']}x ({team['new_model_server_s']} s / {team['new_model_sqlite_s']} s)"),
+        ("record stage, team server / local SQLite, a known model",
+         f"{team['known_model_ratio_median']}x (median of {team['pairs']}; "
+         f"{team['known_model_ratio_min']} to {team['known_model_ratio_max']})"),
+    ]
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import shutil
 import sqlite3
@@ -19,6 +20,8 @@ ARTIFACTS_DIR = "mlartifacts"
 # A run writes about 1 MB (model, figures, reports); refuse well before the disk is full.
 MIN_FREE_BYTES = 64 << 20
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
+# What MLflow's client sends to a tracking server, read here too so a bad login fails before training.
+USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"
 
 
 class StoreError(PipelineError):
@@ -89,7 +92,7 @@ def check_store(store: Store, timeout: float = 10) -> None:
 
 
 def check_server(uri: str, timeout: float = 10) -> None:
-    """Fail at once if the tracking server does not answer (MLflow itself retries for minutes)."""
+    """Fail at once if the tracking server does not answer (MLflow itself retries for minutes) or refuses our login."""
     try:
         with urllib.request.urlopen(f"{uri}/health", timeout=timeout):
             pass
@@ -98,6 +101,38 @@ def check_server(uri: str, timeout: float = 10) -> None:
             f"MLFLOW_TRACKING_URI={uri}: the MLflow server does not answer ({getattr(err, 'reason', err)}); "
             "start it, or unset MLFLOW_TRACKING_URI to record in the repo's mlflow.db"
         ) from None
+    _check_login(uri, timeout)
+
+
+def _check_login(uri: str, timeout: float) -> None:
+    """One authenticated read, with the credentials MLflow's client will send; a server without logins accepts it."""
+    request = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1")
+    user, password = os.environ.get(USERNAME_ENV), os.environ.get(PASSWORD_ENV)
+    token = os.environ.get(TOKEN_ENV)
+    if user and password:
+        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+    elif token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout):
+            return
+    except urllib.error.HTTPError as err:
+        status = err.code
+    except (OSError, ValueError) as err:
+        raise StoreError(f"MLFLOW_TRACKING_URI={uri}: the MLflow server does not answer "
+                         f"({getattr(err, 'reason', err)}); check the server") from None
+    if status == 401 and not (user and password) and not token:
+        why = f"asks for a login and {USERNAME_ENV}/{PASSWORD_ENV} are not both set"
+    elif status == 401:
+        who = f"{USERNAME_ENV}={user}" if user and password else TOKEN_ENV
+        why = f"refused the login of {who} (401)"
+    elif status == 403:
+        why = f"does not let {USERNAME_ENV}={user} read experiments (403)"
+    else:
+        raise StoreError(f"MLFLOW_TRACKING_URI={uri}: the MLflow server answered HTTP {status} to a search of "
+                         "experiments; check the server's log") from None
+    raise StoreError(f"MLFLOW_TRACKING_URI={uri}: the MLflow server {why}; set {USERNAME_ENV} and {PASSWORD_ENV} "
+                     "to your account on it (an admin creates it)") from None
 
 
 def _check_database(path: Path) -> None:

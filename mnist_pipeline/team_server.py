@@ -1,0 +1,314 @@
+"""The team's tracking server: `mlflow server` on a PostgreSQL database, artifacts served, basic-auth logins.
+
+    MLFLOW_AUTH_ADMIN_PASSWORD=... python -m mnist_pipeline.team_server start --data /srv/mnist-team
+    python -m mnist_pipeline.team_server status --data /srv/mnist-team
+    python -m mnist_pipeline.team_server stop --data /srv/mnist-team
+
+Everything lives in the data folder: the PostgreSQL cluster (`pg/`, made by initdb, run by pg_ctl, no system
+service), the artifacts the server stores for its clients (`artifacts/`), the auth app's settings, the logs, and
+two generated secrets (the database password, the auth app's session key). Stopping and starting again with the
+same folder keeps every run, model and user. Clients need only MLFLOW_TRACKING_URI=http://<host>:<port> and
+MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from mnist_pipeline.errors import PipelineError, run_stage
+
+DB_USER = "mlflow"
+DATABASES = ("mlflow", "mlflow_auth")  # runs and models; the auth app's users and permissions
+# Every teammate may log runs into the shared experiment and add model versions; only the creator or an admin
+# may delete or change permissions (MLflow's MANAGE).
+DEFAULT_PERMISSION = "EDIT"
+SYSTEM_USER = "postgres"  # PostgreSQL refuses to run as root; Debian's package creates this user
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where the server listens; kept in the data folder so a restart needs only --data."""
+
+    host: str = "127.0.0.1"
+    port: int = 5000
+    db_port: int = 5433
+    workers: int = 2
+
+
+class TeamServer:
+    """The files of one data folder, and the commands that start and stop what runs on them."""
+
+    def __init__(self, data: Path) -> None:
+        self.data = data.resolve()
+        self.pg = self.data / "pg"
+        self.artifacts = self.data / "artifacts"
+        self.settings_file = self.data / "server.json"
+        self.mlflow_pid = self.data / "mlflow.pid"
+        self.mlflow_log = self.data / "mlflow.log"
+        self.watchdog_pid = self.data / "watchdog.pid"
+        self.auth_ini = self.data / "basic_auth.ini"
+
+    # ---- settings and secrets -------------------------------------------------------------------------------
+    def settings(self, **given: object) -> Settings:
+        saved = json.loads(self.settings_file.read_text()) if self.settings_file.exists() else {}
+        chosen = Settings(**{**saved, **{k: v for k, v in given.items() if v is not None}})
+        self.settings_file.write_text(json.dumps(asdict(chosen)) + "\n")
+        return chosen
+
+    def secret(self, name: str) -> str:
+        """A random secret generated once into the data folder (mode 0600), the same after every restart."""
+        path = self.data / name
+        if not path.exists():
+            path.touch(mode=0o600)
+            path.write_text(secrets.token_urlsafe(32))
+        return path.read_text().strip()
+
+    def url(self, settings: Settings) -> str:
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        return f"http://{host}:{settings.port}"
+
+    def db_uri(self, settings: Settings, database: str) -> str:
+        # No password in the URI (it would show in `ps`): libpq reads it from PGPASSWORD. SQLAlchemy 2.1 takes a
+        # plain postgresql:// to mean psycopg 3; the driver installed is psycopg2.
+        return f"postgresql+psycopg2://{DB_USER}@127.0.0.1:{settings.db_port}/{database}"
+
+    # ---- PostgreSQL --------------------------------------------------------------------------------------------
+    def as_db_owner(self, command: list[str]) -> list[str]:
+        return ["runuser", "-u", SYSTEM_USER, "--", *command] if os.geteuid() == 0 else command
+
+    def pg_run(self, command: list[str], what: str) -> None:
+        result = subprocess.run(self.as_db_owner(command), capture_output=True, text=True)
+        if result.returncode != 0:
+            lines = (result.stderr or result.stdout).strip().splitlines() or ["(no output)"]
+            raise PipelineError(f"team server {self.data}: {what} failed: {lines[-1]}")
+
+    def init_db(self) -> None:
+        """initdb once: a cluster whose only role is `mlflow`, with a generated password, local TCP only."""
+        if (self.pg / "PG_VERSION").exists():
+            return
+        password_file = self.data / "db-password"
+        self.secret("db-password")
+        self.pg.mkdir(mode=0o700, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.pg, SYSTEM_USER, SYSTEM_USER)
+            shutil.chown(password_file, SYSTEM_USER)  # root still reads it; initdb runs as postgres
+            probe = subprocess.run(self.as_db_owner(["test", "-w", str(self.pg)]))
+            if probe.returncode != 0:
+                raise PipelineError(
+                    f"team server {self.data}: the '{SYSTEM_USER}' user cannot reach {self.pg}; make its parent "
+                    "folders traversable (chmod o+x) or choose a data folder it can reach"
+                )
+        self.pg_run([pg_bin("initdb"), "-D", str(self.pg), "-U", DB_USER, "--auth=scram-sha-256",
+                     f"--pwfile={password_file}", "--encoding=UTF8", "--locale=C"], "initdb")
+
+    def db_running(self) -> bool:
+        return subprocess.run(self.as_db_owner([pg_bin("pg_ctl"), "status", "-D", str(self.pg)]),
+                              capture_output=True).returncode == 0
+
+    def start_db(self, settings: Settings) -> None:
+        if self.db_running():
+            return
+        options = f"-c listen_addresses=127.0.0.1 -c port={settings.db_port} -c unix_socket_directories={self.pg}"
+        self.pg_run([pg_bin("pg_ctl"), "start", "-D", str(self.pg), "-l", str(self.pg / "postgres.log"),
+                     "-w", "-t", "60", "-o", options], f"PostgreSQL on 127.0.0.1:{settings.db_port}")
+
+    def create_databases(self, settings: Settings) -> None:
+        import psycopg2  # only the server needs the driver
+
+        try:
+            connection = psycopg2.connect(host="127.0.0.1", port=settings.db_port, user=DB_USER, dbname="postgres",
+                                          password=self.secret("db-password"), connect_timeout=10)
+        except psycopg2.Error as err:
+            raise PipelineError(f"team server {self.data}: PostgreSQL on 127.0.0.1:{settings.db_port}: "
+                                f"{' '.join(str(err).split())}") from None
+        connection.autocommit = True  # CREATE DATABASE cannot run inside a transaction
+        try:
+            with connection.cursor() as cursor:
+                for name in DATABASES:
+                    cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+                    if cursor.fetchone() is None:
+                        cursor.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            connection.close()
+
+    def stop_db(self) -> None:
+        if self.db_running():
+            self.pg_run([pg_bin("pg_ctl"), "stop", "-D", str(self.pg), "-m", "fast", "-w", "-t", "60"],
+                        "stopping PostgreSQL")
+
+    # ---- mlflow server -----------------------------------------------------------------------------------------
+    def running_pid(self, pid_file: Path) -> int | None:
+        try:
+            pid = int(pid_file.read_text())
+            os.kill(pid, 0)
+        except (OSError, ValueError):
+            return None
+        return pid
+
+    def start_mlflow(self, settings: Settings, stop_after: float | None) -> None:
+        if self.running_pid(self.mlflow_pid):
+            return
+        self.artifacts.mkdir(exist_ok=True)
+        self.auth_ini.write_text(
+            "[mlflow]\n"
+            f"default_permission = {DEFAULT_PERMISSION}\n"
+            f"database_uri = {self.db_uri(settings, 'mlflow_auth')}\n"
+            f"admin_username = admin\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        )
+        env = {
+            **os.environ,
+            "MLFLOW_AUTH_CONFIG_PATH": str(self.auth_ini),
+            "PGPASSWORD": self.secret("db-password"),
+            # The session key must survive restarts, or every browser login and CSRF token breaks.
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY")
+            or self.secret("session-key"),
+            # MLflow's job runner serves GenAI features (trace roll-ups, prompt jobs) this project does not use; it
+            # starts seven worker processes of ~150 MB each.
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"),
+        }
+        command = [
+            str(Path(sys.executable).with_name("mlflow")), "server",
+            "--host", settings.host, "--port", str(settings.port), "--workers", str(settings.workers),
+            "--backend-store-uri", self.db_uri(settings, "mlflow"),
+            "--artifacts-destination", str(self.artifacts),
+            "--app-name", "basic-auth",
+        ]
+        if stop_after:
+            command = ["timeout", str(int(stop_after)), *command]
+        with self.mlflow_log.open("a") as log:
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                       start_new_session=True)
+        self.mlflow_pid.write_text(f"{process.pid}\n")
+        url = self.url(settings)
+        deadline = time.monotonic() + 180
+        while not answers(f"{url}/health"):
+            if process.poll() is not None or time.monotonic() > deadline:
+                self.stop_mlflow()
+                raise PipelineError(f"team server {self.data}: mlflow server did not start on {url}: "
+                                    f"{last_error(self.mlflow_log)} (whole log: {self.mlflow_log})")
+            time.sleep(0.5)
+
+    def stop_mlflow(self) -> None:
+        pid = self.running_pid(self.mlflow_pid)
+        if pid:
+            stop_group(pid)
+        self.mlflow_pid.unlink(missing_ok=True)
+
+    def start_watchdog(self, stop_after: float) -> None:
+        """Stop everything after `stop_after` seconds even if nobody calls stop (tests, demos)."""
+        stop = shlex.join([sys.executable, "-m", "mnist_pipeline.team_server", "stop", "--data", str(self.data)])
+        process = subprocess.Popen(["sh", "-c", f"sleep {int(stop_after)} && exec {stop}"],
+                                   cwd=Path(__file__).resolve().parents[1], start_new_session=True,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.watchdog_pid.write_text(f"{process.pid}\n")
+
+    # ---- commands ----------------------------------------------------------------------------------------------
+    def start(self, settings: Settings, stop_after: float | None = None) -> str:
+        if not (self.pg / "PG_VERSION").exists() and not os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD"):
+            raise PipelineError(f"team server {self.data}: set MLFLOW_AUTH_ADMIN_PASSWORD (and optionally "
+                                "MLFLOW_AUTH_ADMIN_USERNAME, default admin) for the first start: it creates that "
+                                "admin account")
+        self.init_db()
+        self.start_db(settings)
+        self.create_databases(settings)
+        self.start_mlflow(settings, stop_after)
+        if stop_after:
+            self.start_watchdog(stop_after)
+        return self.url(settings)
+
+    def stop(self) -> None:
+        self.stop_mlflow()
+        self.stop_db()
+        watchdog = self.running_pid(self.watchdog_pid)
+        if watchdog and watchdog != os.getpid():
+            stop_group(watchdog)
+        self.watchdog_pid.unlink(missing_ok=True)
+
+    def status(self, settings: Settings) -> tuple[bool, str]:
+        server = bool(self.running_pid(self.mlflow_pid)) and answers(f"{self.url(settings)}/health")
+        database = (self.pg / "PG_VERSION").exists() and self.db_running()
+        words = (f"mlflow server {self.url(settings)}: {'running' if server else 'stopped'}; "
+                 f"PostgreSQL 127.0.0.1:{settings.db_port}: {'running' if database else 'stopped'}")
+        return server and database, words
+
+
+def pg_bin(name: str) -> str:
+    """A PostgreSQL program: on PATH, else in Debian's versioned folder (not on PATH there)."""
+    found = shutil.which(name) or next(iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"),
+                                                   key=lambda p: int(p.parts[-3]), reverse=True)), None)
+    if found is None:
+        raise PipelineError(f"team server: {name} not found; install PostgreSQL (Debian: apt-get install postgresql)")
+    return str(found)
+
+
+def answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except (OSError, ValueError):
+        return False
+
+
+def stop_group(pid: int, timeout: float = 30) -> None:
+    """SIGTERM the process group `pid` leads (mlflow server and its workers), SIGKILL if it lingers."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.killpg(pid, signal.SIGKILL)
+
+
+def last_error(log: Path) -> str:
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=("start", "stop", "status"))
+    parser.add_argument("--data", type=Path, required=True, help="the folder that holds the database and artifacts")
+    parser.add_argument("--host", help="address the server listens on (saved; default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="the server's port (saved; default 5000)")
+    parser.add_argument("--db-port", type=int, help="PostgreSQL's port on 127.0.0.1 (saved; default 5433)")
+    parser.add_argument("--workers", type=int, help="server worker processes (saved; default 2)")
+    parser.add_argument("--stop-after", type=float, help="stop everything after this many seconds (tests, demos)")
+    args = parser.parse_args()
+    args.data.mkdir(parents=True, exist_ok=True)
+    server = TeamServer(args.data)
+    settings = server.settings(host=args.host, port=args.port, db_port=args.db_port, workers=args.workers)
+    if args.command == "start":
+        url = server.start(settings, args.stop_after)
+        print(f"team server: {url} (PostgreSQL on 127.0.0.1:{settings.db_port}, artifacts in {server.artifacts})")
+    elif args.command == "stop":
+        server.stop()
+        print(f"team server {server.data}: stopped")
+    else:
+        running, words = server.status(settings)
+        print(words)
+        if not running:
+            sys.exit(3)
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,490 @@
+"""A team on several machines: one DVC remote (a folder, a real sshd), one real mlflow server on PostgreSQL with logins.
+
+Each "machine" is a git clone with its own DVC cache; they share a bare git repo as `origin`, the DVC remote
+`origin` (pointed at the team's storage with `dvc remote modify --local`, as the README says) and the tracking
+server that `python -m mnist_pipeline.team_server` starts. Training is shrunk to one epoch of the real data.
+"""
+
+from __future__ import annotations
+
+import csv
+import getpass
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mnist_pipeline.data import load_mnist
+from mnist_pipeline.model import Net
+from mnist_pipeline.store import StoreError, check_store, resolve_store
+from mnist_pipeline.training import load_state_dict, to_tensor
+from tests.conftest import REPO, copy_project, copy_workdir, dvc, free_port, project_env
+
+pytestmark = pytest.mark.slow
+BASELINE = yaml.safe_load((REPO / "params.yaml").read_text())
+BASELINE["train"].update(epochs=1, log_every=100)
+PASSWORDS = {"admin": "admin-password-of-the-tests", "alice": "alice-password-of-the-tests",
+             "bob": "bob-password-of-the-tests"}
+MARKER_ONLY = {"record": [{"changed outs": {"reports/.mlflow-recorded": "deleted"}}]}
+# Every server started here stops itself after this long, should the teardown never run.
+SELF_STOP_S = 1200
+
+
+def run(command: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(command, cwd=cwd, env=project_env(**env), capture_output=True, text=True)
+    assert result.returncode == 0, f"{command} failed:\n{result.stdout}\n{result.stderr}"
+    return result
+
+
+def git(root: Path, *args: str) -> str:
+    return run(["git", *args], root).stdout
+
+
+def dvc_fails(clone: Path, *args: str, **env: str) -> list[str]:
+    """Run a dvc command that must fail; return its ERROR lines."""
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=clone, env=project_env(**env),
+                            capture_output=True, text=True)
+    assert result.returncode != 0, f"dvc {' '.join(args)} succeeded:\n{result.stdout}"
+    return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("ERROR")]
+
+
+# ---- the servers ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Ssh:
+    port: int
+    key: Path
+    stranger_key: Path  # a key the server does not know
+    home: Path  # a HOME whose ~/.ssh/known_hosts holds the server's host key, as a user's would
+
+    def url(self, folder: Path) -> str:
+        return f"ssh://{getpass.getuser()}@127.0.0.1:{self.port}{folder}"
+
+
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ssh]:
+    """Debian's sshd on 127.0.0.1 with its own host key and config, accepting one generated key (SFTP only)."""
+    folder = tmp_path_factory.mktemp("sshd")
+    for name in ("host_key", "client_key", "stranger_key"):
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(folder / name)], folder)
+    shutil.copy(folder / "client_key.pub", folder / "authorized_keys")
+    port = free_port()
+    (folder / "sshd_config").write_text(
+        f"Port {port}\nListenAddress 127.0.0.1\nHostKey {folder / 'host_key'}\n"
+        f"AuthorizedKeysFile {folder / 'authorized_keys'}\nPidFile {folder / 'sshd.pid'}\n"
+        "PubkeyAuthentication yes\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n"
+        "StrictModes no\nSubsystem sftp internal-sftp\n"
+    )
+    if os.geteuid() == 0:
+        Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation folder (the service makes it)
+    home = folder / "home"
+    (home / ".ssh").mkdir(parents=True)
+    host_key = (folder / "host_key.pub").read_text().split()[:2]
+    (home / ".ssh/known_hosts").write_text(f"[127.0.0.1]:{port} {' '.join(host_key)}\n")
+    log = (folder / "sshd.log").open("w")
+    process = subprocess.Popen(["timeout", str(SELF_STOP_S), "/usr/sbin/sshd", "-D", "-e", "-f",
+                                str(folder / "sshd_config")], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            assert process.poll() is None and time.monotonic() < deadline, (folder / "sshd.log").read_text()
+            time.sleep(0.2)
+        yield Ssh(port, folder / "client_key", folder / "stranger_key", home)
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+        log.close()
+
+
+@dataclass(frozen=True)
+class Team:
+    url: str
+    data: Path
+
+    def env(self, user: str, password: str | None = None) -> dict[str, str]:
+        return {"MLFLOW_TRACKING_URI": self.url, "MLFLOW_TRACKING_USERNAME": user,
+                "MLFLOW_TRACKING_PASSWORD": password or PASSWORDS[user]}
+
+
+def team_server(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mnist_pipeline.team_server", *args], cwd=REPO,
+                          env=project_env(**env), capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def team() -> Iterator[Team]:
+    """The README's team server on its own ports, with the accounts alice and bob made by the admin as it says."""
+    # Not under pytest's private base folder: PostgreSQL runs as the `postgres` user when the tests run as root.
+    data = Path(tempfile.mkdtemp(prefix="mnist-team-"))
+    data.chmod(0o711)
+    port = free_port()
+    try:
+        started = team_server("start", "--data", str(data), "--port", str(port), "--db-port", str(free_port()),
+                              "--stop-after", str(SELF_STOP_S), MLFLOW_AUTH_ADMIN_PASSWORD=PASSWORDS["admin"])
+        assert started.returncode == 0, started.stdout + started.stderr
+        url = f"http://127.0.0.1:{port}"
+        for user in ("alice", "bob"):
+            run([sys.executable, "-c", "from mlflow.server import get_app_client; "
+                 f"get_app_client('basic-auth', tracking_uri='{url}').create_user('{user}', '{PASSWORDS[user]}')"],
+                REPO, **Team(url, data).env("admin"))
+        yield Team(url, data)
+    finally:
+        team_server("stop", "--data", str(data))
+        shutil.rmtree(data, ignore_errors=True)
+
+
+# ---- the project -----------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory: pytest.TempPathFactory, real_mnist: Path) -> Path:
+    """A repo whose baseline (one epoch) is reproduced and committed, pushed to a bare git repo: the team's origin."""
+    root = tmp_path_factory.mktemp("team")
+    repo = copy_project(root / "repo")
+    (repo / "params.yaml").write_text(yaml.safe_dump(BASELINE, sort_keys=False))
+    git(repo, "commit", "-qam", "one epoch")
+    dvc(repo, "repro", MNIST_MIRROR=str(real_mnist))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "baseline results")
+    git(root, "init", "-q", "--bare", "origin.git")
+    git(root / "origin.git", "symbolic-ref", "HEAD", "refs/heads/main")
+    git(repo, "remote", "add", "origin", str(root / "origin.git"))
+    git(repo, "push", "-q", "origin", "HEAD:refs/heads/main")
+    return repo
+
+
+def clone(baseline: Path, dest: Path) -> Path:
+    """A teammate's fresh clone: git only, its own (empty) DVC cache."""
+    origin = git(baseline, "remote", "get-url", "origin").strip()
+    git(dest.parent, "clone", "-q", origin, str(dest))
+    return dest
+
+
+def use_remote(clone: Path, url: str, **options: str) -> None:
+    """What the README tells each teammate to run: the committed remote `origin`, pointed at the team's storage."""
+    dvc(clone, "remote", "modify", "--local", "origin", "url", url)
+    for key, value in options.items():
+        dvc(clone, "remote", "modify", "--local", "origin", key, value)
+
+
+def use_ssh(clone: Path, ssh: Ssh, folder: Path, key: Path | None = None) -> None:
+    use_remote(clone, ssh.url(folder), keyfile=str(key or ssh.key))
+
+
+def model_md5(lock: str) -> str:
+    return yaml.safe_load(lock)["stages"]["train"]["outs"][0]["md5"]
+
+
+def in_cache(clone: Path, md5: str) -> bool:
+    return (clone / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).is_file()
+
+
+def workspace_files(clone: Path) -> dict[str, int]:
+    """Every file of a clone but git's and DVC's own bookkeeping, with its size."""
+    skip = (".git/", ".dvc/tmp/", ".dvc/config.local")
+    return {str(p.relative_to(clone)): p.stat().st_size for p in clone.rglob("*")
+            if p.is_file() and not str(p.relative_to(clone)).startswith(skip)}
+
+
+def status(clone: Path) -> dict:
+    return json.loads(dvc(clone, "status", "--json").stdout)
+
+
+def exp_table(clone: Path) -> dict[str, dict[str, str]]:
+    rows = csv.DictReader(io.StringIO(dvc(clone, "exp", "show", "--csv").stdout))
+    return {row["Experiment"]: row for row in rows if row["Experiment"]}
+
+
+def assert_trains_nothing(clone: Path) -> None:
+    """`dvc repro` after a pull: every stage up to date but record, which records this clone's result; then clean."""
+    out = dvc(clone, "repro").stdout
+    for stage in ("download", "split", "train", "evaluate", "plot"):
+        assert f"Stage '{stage}' didn't change, skipping" in out, out
+    assert "Running stage 'record'" in out
+    assert "Data and pipelines are up to date." in dvc(clone, "status").stdout
+
+
+# ---- DVC remotes ---------------------------------------------------------------------------------------------------
+def test_folder_remote_push_then_pull_on_a_fresh_clone(baseline: Path, tmp_path: Path) -> None:
+    store = tmp_path / "shared-folder"
+    mine = copy_workdir(baseline, tmp_path / "mine")
+    use_remote(mine, str(store))
+    assert "files pushed" in dvc(mine, "push").stdout
+    teammate = clone(baseline, tmp_path / "teammate")
+    use_remote(teammate, str(store))
+    # `dvc pull` before any pull or repro: what failed for the issue's teammate.
+    dvc(teammate, "pull")
+    for path in ("data/raw/train-images-idx3-ubyte", "data/split/train.npy", "models/model.pt"):
+        assert (teammate / path).read_bytes() == (baseline / path).read_bytes()
+    assert status(teammate) == MARKER_ONLY
+    assert_trains_nothing(teammate)
+
+
+def test_ssh_push_that_failed_midway_resumes_and_a_clone_pulls_over_ssh(baseline: Path, sshd: Ssh,
+                                                                        tmp_path: Path) -> None:
+    store = tmp_path / "ssh-store"
+    mine = copy_workdir(baseline, tmp_path / "mine")
+    use_ssh(mine, sshd, store)
+    # The model's object can't be written (a folder in its place): the push fails after uploading the others.
+    blocker = store / "files/md5" / model_md5((mine / "dvc.lock").read_text())[:2]
+    blocker = blocker / model_md5((mine / "dvc.lock").read_text())[2:]
+    blocker.mkdir(parents=True)
+    errors = dvc_fails(mine, "push", HOME=str(sshd.home))
+    assert errors[-1] == "ERROR: failed to push data to the cloud - 1 files failed to upload", errors
+    assert all("failed to transfer" in line for line in errors[:-1]), errors
+    uploaded = {p for p in store.rglob("*") if p.is_file()}
+    assert len(uploaded) >= 5  # raw (4 files, a folder's listing), split...
+    blocker.rmdir()
+    # Again: only what is missing goes up.
+    assert "1 file pushed" in dvc(mine, "push", HOME=str(sshd.home)).stdout
+    assert {p for p in store.rglob("*") if p.is_file()} > uploaded
+
+    teammate = clone(baseline, tmp_path / "teammate")
+    use_ssh(teammate, sshd, store)
+    dvc(teammate, "pull", HOME=str(sshd.home))
+    assert (teammate / "models/model.pt").read_bytes() == (baseline / "models/model.pt").read_bytes()
+    assert status(teammate) == MARKER_ONLY
+
+
+def test_unreachable_remote_or_refused_key_is_one_error_and_changes_nothing(baseline: Path, sshd: Ssh,
+                                                                            tmp_path: Path) -> None:
+    store = tmp_path / "ssh-store"
+    mine = copy_workdir(baseline, tmp_path / "mine")
+    use_ssh(mine, sshd, store)
+    dvc(mine, "push", HOME=str(sshd.home))
+    teammate = clone(baseline, tmp_path / "teammate")
+    before = workspace_files(teammate)
+    nobody = Ssh(free_port(), sshd.key, sshd.stranger_key, sshd.home)
+    for remote, key, words in ((nobody, sshd.key, "Connect call failed ('127.0.0.1', "),
+                               (sshd, sshd.stranger_key, "Permission denied for user")):
+        use_ssh(teammate, remote, store, key)
+        for command in (["pull"], ["fetch"]):
+            (error,) = dvc_fails(teammate, *command, HOME=str(sshd.home))
+            assert words in error and "127.0.0.1" in error, error
+            assert workspace_files(teammate) == before
+    # Nor does a refused push touch the pusher's workspace or the remote.
+    use_ssh(mine, sshd, tmp_path / "other-store", sshd.stranger_key)
+    files = workspace_files(mine)
+    (error,) = dvc_fails(mine, "push", HOME=str(sshd.home))
+    assert "Permission denied for user" in error
+    assert workspace_files(mine) == files and not (tmp_path / "other-store").exists()
+
+
+def test_experiment_made_before_the_remote_existed_needs_dash_r(baseline: Path, tmp_path: Path) -> None:
+    """DVC takes the default remote from each pushed commit's .dvc/config: for an older commit, there is none."""
+    store = tmp_path / "shared-folder"
+    mine = copy_workdir(baseline, tmp_path / "mine")
+    dvc(mine, "remote", "remove", "origin")
+    git(mine, "commit", "-qam", "as before the team setup: no remote")
+    dvc(mine, "exp", "run", "-n", "plots-4", "-S", "plot.n_images=4")  # plot and record only: a quick experiment
+    git(mine, "checkout", "-q", "HEAD~", "--", ".dvc/config")
+    git(mine, "commit", "-qm", "the team setup: the remote is declared", "--", ".dvc/config")
+    use_remote(mine, str(store))
+    # This test's own git origin, so that its experiment is no other test's.
+    git(tmp_path, "init", "-q", "--bare", "origin.git")
+    git(mine, "remote", "set-url", "origin", str(tmp_path / "origin.git"))
+    git(mine, "push", "-q", "origin", "HEAD:refs/heads/main")
+    git(tmp_path / "origin.git", "symbolic-ref", "HEAD", "refs/heads/main")
+
+    # Reported as a success, yet nothing is uploaded: the experiment's commit names no remote.
+    out = dvc(mine, "exp", "push", "origin", "plots-4").stdout
+    assert "Pushed experiment plots-4" in out and not store.exists()
+    # Naming the remote (defined in the local config, which every commit sees) uploads its data and model.
+    dvc(mine, "exp", "push", "-r", "origin", "-A", "origin")
+    lock = git(mine, "show", f"{name_ref(mine, 'plots-4')}:dvc.lock")
+    store_files = {p.name for p in store.rglob("*") if p.is_file()}
+    assert model_md5(lock)[2:] in store_files
+
+    teammate = clone(mine, tmp_path / "teammate")
+    use_remote(teammate, str(store))
+    dvc(teammate, "exp", "pull", "-r", "origin", "origin", "plots-4")
+    dvc(teammate, "exp", "apply", "plots-4")
+    assert (teammate / "models/model.pt").read_bytes() == (mine / "models/model.pt").read_bytes()
+    assert status(teammate) == MARKER_ONLY  # the teammate's `dvc repro` would train nothing
+
+
+def name_ref(clone: Path, name: str) -> str:
+    """The experiment ref DVC keeps for `name` (refs/exps/<baseline>/<name>)."""
+    refs = git(clone, "for-each-ref", "--format=%(refname)", "refs/exps").split()
+    (ref,) = [r for r in refs if r.endswith(f"/{name}")]
+    return ref
+
+
+# ---- the tracking server -----------------------------------------------------------------------------------------------
+def test_a_wrong_or_missing_login_fails_in_one_line_before_training(team: Team, baseline: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", team.url)
+    for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(StoreError, match="asks for a login and MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD"):
+        check_store(resolve_store())
+    for user, password in (("alice", "not-alices-password"), ("mallory", PASSWORDS["alice"])):
+        monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+        with pytest.raises(StoreError, match=f"refused the login of MLFLOW_TRACKING_USERNAME={user} .401."):
+            check_store(resolve_store())
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", PASSWORDS["alice"])
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "alice")
+    check_store(resolve_store())
+
+    # Through DVC: the train stage stops before it loads any data.
+    mine = copy_workdir(baseline, tmp_path / "mine")
+    result = subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.lr=0.004"], cwd=mine,
+                            env=project_env(**team.env("alice", "not-alices-password")), capture_output=True,
+                            text=True)
+    assert result.returncode != 0
+    assert (f"error: MLFLOW_TRACKING_URI={team.url}: the MLflow server refused the login of "
+            "MLFLOW_TRACKING_USERNAME=alice (401)") in result.stderr
+    assert "Iteration" not in result.stdout and "Running stage 'evaluate'" not in result.stdout
+
+
+def test_two_machines_share_one_remote_and_one_tracking_server(baseline: Path, sshd: Ssh, team: Team,
+                                                               tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               real_mnist: Path) -> None:
+    store = tmp_path / "team-storage"
+    home = str(sshd.home)
+    # The machine of whoever worked alone so far (a local cache, a local mlflow.db) joins as the README says.
+    first = copy_workdir(baseline, tmp_path / "first")
+    use_ssh(first, sshd, store)
+    dvc(first, "push", "--all-commits", HOME=home)
+    (first / "reports/.mlflow-recorded").unlink()
+    out = dvc(first, "repro", **team.env("alice")).stdout
+    assert "Stage 'train' didn't change, skipping" in out and "Running stage 'record'" in out
+
+    machines = {}
+    for name in ("a", "b"):
+        machines[name] = clone(baseline, tmp_path / name)
+        use_ssh(machines[name], sshd, store)
+        dvc(machines[name], "pull", HOME=home)
+    a, b = machines["a"], machines["b"]
+    # At the same time: a queued grid, two at a time, on machine a (alice); a --temp run on machine b (bob).
+    dvc(a, "exp", "run", "--queue", "-S", "train.lr=0.002,0.005")
+    dvc(a, "queue", "start", "-j", "2", **team.env("alice"))
+    temp = subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", "bob-lr-0003",
+                             "-S", "train.lr=0.003"], cwd=b, env=project_env(**team.env("bob")),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        out, _ = temp.communicate(timeout=900)
+    finally:
+        temp.kill()
+    assert temp.returncode == 0, out
+    deadline = time.monotonic() + 900
+    while any(word in dvc(a, "queue", "status").stdout for word in ("Queued", "Running")):
+        assert time.monotonic() < deadline, dvc(a, "queue", "status").stdout
+        time.sleep(3)
+    assert dvc(a, "queue", "status").stdout.count("Success") == 2, dvc(a, "queue", "status").stdout
+    grid = sorted(exp_table(a))
+    assert len(grid) == 2
+    dvc(a, "exp", "push", "origin", *grid, HOME=home)
+    dvc(b, "exp", "push", "origin", "bob-lr-0003", HOME=home)
+
+    # A third machine sees both machines' experiments, with their metrics and models.
+    third = clone(baseline, tmp_path / "third")
+    use_ssh(third, sshd, store)
+    dvc(third, "pull", HOME=home)
+    names = sorted(dvc(third, "exp", "list", "--name-only", "origin").stdout.split())
+    assert names == sorted([*grid, "bob-lr-0003"])
+    dvc(third, "exp", "pull", "origin", *names, HOME=home)
+    table = exp_table(third)
+    assert sorted(table) == names
+    assert {table[n]["train.lr"] for n in names} == {"0.002", "0.005", "0.003"}
+    assert all(float(table[n]["test.accuracy"]) > 0.5 for n in names)
+    models = {n: model_md5(git(third, "show", f"{name_ref(third, n)}:dvc.lock")) for n in names}
+    assert len(set(models.values())) == 3 and all(in_cache(third, md5) for md5 in models.values())
+    dvc(third, "exp", "apply", "bob-lr-0003")
+    assert status(third) == MARKER_ONLY  # bob's model is here: nothing to train
+
+    # MLflow: one run per experiment, from both machines, with curves, figures and a model version each.
+    for key, value in team.env("admin").items():
+        monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(team.url)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("mnist")
+    runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
+    assert sorted(runs) == sorted([*names, "workspace"])  # the solo machine's result, and each experiment's
+    versions = {v.run_id: v for v in client.search_model_versions("name = 'mnist-cnn'")}
+    print(f"two machines: {len(runs)} MLflow runs, {len(versions)} versions of mnist-cnn")
+    assert len(versions) == 4
+    assert runs["workspace"].data.metrics["test.accuracy"] == json.loads(
+        (baseline / "reports/metrics.json").read_text())["test"]["accuracy"]
+    for name in names:
+        run = runs[name]
+        assert run.data.tags["dvc.exp_name"] == name
+        assert run.info.status == "FINISHED" and run.info.run_name == name
+        assert run.data.metrics["test.accuracy"] == float(table[name]["test.accuracy"])
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [100, 165]
+        assert len(client.list_artifacts(run.info.run_id, "figures")) == 3
+        version = versions[run.info.run_id]
+        assert run.data.tags["model.version"] == f"mnist-cnn/{version.version}"
+        assert version.tags["model_sha256"] == run.data.tags["model_sha256"]
+
+    # The registered model of bob's experiment, loaded from the server, is the model DVC's experiment holds.
+    version = versions[runs["bob-lr-0003"].info.run_id].version
+    served = mlflow.pyfunc.load_model(f"models:/mnist-cnn/{version}")
+    images = to_tensor(load_mnist(real_mnist, "t10k")[0][:8])
+    local = Net()
+    load_state_dict(third / "models/model.pt", local)
+    local.eval()
+    with torch.no_grad():
+        expected = local(images).numpy()
+    np.testing.assert_allclose(served.predict(images.numpy()), expected, rtol=1e-4, atol=1e-5)
+
+    # A safe clean-up keeps every commit's and experiment's data; -w alone keeps only the workspace's.
+    main_model = model_md5((baseline / "dvc.lock").read_text())
+    dvc(third, "gc", "--all-commits", "--all-experiments", "--force")
+    assert in_cache(third, main_model) and all(in_cache(third, md5) for md5 in models.values())
+    dvc(third, "gc", "--workspace", "--force")
+    assert not in_cache(third, main_model) and in_cache(third, models["bob-lr-0003"])
+
+
+def test_restarting_the_server_and_the_database_loses_nothing(team: Team, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in team.env("admin").items():
+        monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(team.url)
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment(f"restart-{time.time_ns()}")
+    figure = tmp_path / "figure.txt"
+    figure.write_text("a logged file")
+    with mlflow.start_run(experiment_id=experiment_id) as run:
+        mlflow.log_metric("val_acc", 0.5, step=1)
+        mlflow.log_artifact(str(figure))
+    model = client.create_registered_model(f"restart-model-{time.time_ns()}")
+    client.create_model_version(model.name, f"runs:/{run.info.run_id}/figure.txt", run.info.run_id)
+
+    def everything() -> tuple:
+        experiments = client.search_experiments()
+        runs = client.search_runs([e.experiment_id for e in experiments])
+        versions = client.search_model_versions()
+        return (sorted(e.name for e in experiments), sorted((r.info.run_id, str(r.data.metrics)) for r in runs),
+                sorted((v.name, v.version, v.run_id) for v in versions))
+
+    before = everything()
+    stopped = team_server("stop", "--data", str(team.data))
+    assert stopped.returncode == 0, stopped.stderr
+    assert team_server("status", "--data", str(team.data)).returncode == 3
+    # The same folder, no flags and no admin password: the saved ports, the existing database and accounts.
+    started = team_server("start", "--data", str(team.data), "--stop-after", str(SELF_STOP_S))
+    assert started.returncode == 0, started.stderr
+    assert "running; PostgreSQL" in team_server("status", "--data", str(team.data)).stdout
+    assert everything() == before
+    restored = Path(client.download_artifacts(run.info.run_id, "figure.txt", str(tmp_path / "down")))
+    assert restored.read_text() == "a logged file"
+    for user in ("alice", "bob"):
+        for key, value in team.env(user).items():
+            monkeypatch.setenv(key, value)
+        check_store(resolve_store())
