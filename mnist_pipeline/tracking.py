@@ -262,7 +262,9 @@ def crown_champion(store: Store, name: str) -> ModelVersion | None:
         if not scored:
             return None
         best = max(scored, key=lambda v: (float(v.tags[VAL_ACC_TAG]), int(v.version)))
-        if CHAMPION in (best.aliases or []):
+        # The registered model's aliases: search_model_versions leaves each version's own list empty.
+        current = retry_busy(client.get_registered_model, name).aliases.get(CHAMPION)
+        if current is not None and str(current) == str(best.version):
             return None
         retry_busy(client.set_registered_model_alias, name, CHAMPION, best.version)
         return best

@@ -115,7 +115,8 @@ def train_and_record(tiny: tuple[Path, tuple], monkeypatch: pytest.MonkeyPatch, 
     return json.loads(Path("reports/train.json").read_text())["train"]["best_val_acc"]
 
 
-def test_champion_is_the_best_validation_accuracy_whatever_the_order(workdir: Path, tiny_mnist, monkeypatch) -> None:
+def test_champion_is_the_best_validation_accuracy_whatever_the_order(workdir: Path, tiny_mnist, monkeypatch,
+                                                                     capsys) -> None:
     crippled = train_and_record(tiny_mnist, monkeypatch, lr=1e-6)  # barely moves from its initial weights
     assert champion() == ("1", crippled)
     kept = {path: path.read_bytes() for path in [Path("models/model.pt"), *Path("reports").rglob("*.*")]}
@@ -128,9 +129,11 @@ def test_champion_is_the_best_validation_accuracy_whatever_the_order(workdir: Pa
     for path, data in kept.items():
         path.write_bytes(data)
     MARKER.unlink()
+    capsys.readouterr()
     record_main(monkeypatch)
     assert runs()[-1].data.tags["model.version"] == "mnist-cnn/1"
     assert champion() == ("2", learned)
+    assert "mnist-cnn@champion" not in capsys.readouterr().out  # nothing moved, nothing said
     # Test accuracy plays no part: the tags hold train.json's validation accuracy, not metrics.json's test one.
     versions = mlflow.MlflowClient().search_model_versions("name = 'mnist-cnn'")
     assert sorted(float(v.tags["train.best_val_acc"]) for v in versions) == [crippled, learned]
