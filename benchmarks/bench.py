@@ -174,8 +174,10 @@ def record_once(env: dict[str, str], root: str) -> float:
     args = stage_commands()["record"]
     args[args.index("--marker") + 1] = f"{root}/recorded"  # leave the workspace's marker alone
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "stages.record", *args], check=True, capture_output=True,
-                   env={**env, "DVC_ROOT": root})
+    result = subprocess.run([sys.executable, "-m", "stages.record", *args], capture_output=True, text=True,
+                            env={**env, "DVC_ROOT": root})
+    if result.returncode != 0:
+        sys.exit(f"benchmark: the record stage failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
     return time.perf_counter() - start
 
 
