@@ -337,10 +337,11 @@ def team_server_ratio(repeats: int) -> dict | None:
     data = Path(tempfile.mkdtemp(prefix="mnist-bench-team-"))
     data.chmod(0o711)  # PostgreSQL runs as `postgres` under root: it must reach its folder
     server = [sys.executable, "-m", "mnist_pipeline.team_server"]
+    here = Path(__file__).resolve().parents[1]  # where the package is, whatever the working folder
     port, db_port = free_port(), free_port()
     try:
         subprocess.run([*server, "start", "--data", str(data), "--port", str(port), "--db-port", str(db_port),
-                        "--stop-after", "3600"], check=True, capture_output=True,
+                        "--stop-after", "3600"], check=True, capture_output=True, cwd=here,
                        env={**base, "MLFLOW_AUTH_ADMIN_PASSWORD": admin["MLFLOW_TRACKING_PASSWORD"]})
         stores = {"sqlite": {}, "server": {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", **admin}}
         times: dict[str, list[float]] = {"sqlite": [], "server": []}
@@ -349,7 +350,7 @@ def team_server_ratio(repeats: int) -> dict | None:
                 for name in (("sqlite", "server") if i % 2 == 0 else ("server", "sqlite")):
                     times[name].append(record_once({**base, **stores[name]}, f"{root}/{name}"))
     finally:
-        subprocess.run([*server, "stop", "--data", str(data)], capture_output=True)
+        subprocess.run([*server, "stop", "--data", str(data)], capture_output=True, cwd=here)
         shutil.rmtree(data, ignore_errors=True)
     known = [s / q for s, q in zip(times["server"][1:], times["sqlite"][1:])]
     return {"new_model_sqlite_s": round(times["sqlite"][0], 2), "new_model_server_s": round(times["server"][0], 2),
@@ -365,8 +366,10 @@ def record_once(env: dict[str, str], root: str) -> float:
     args = stage_commands()["record"]
     args[args.index("--marker") + 1] = f"{root}/recorded"  # leave the workspace's marker alone
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "stages.record", *args], check=True, capture_output=True,
-                   env={**env, "DVC_ROOT": root})
+    result = subprocess.run([sys.executable, "-m", "stages.record", *args], capture_output=True, text=True,
+                            env={**env, "DVC_ROOT": root})
+    if result.returncode != 0:
+        sys.exit(f"benchmark: the record stage failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
     return time.perf_counter() - start
 
 

@@ -12,6 +12,7 @@ import getpass
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -41,7 +42,7 @@ PASSWORDS = {"admin": "admin-password-of-the-tests", "alice": "alice-password-of
              "bob": "bob-password-of-the-tests"}
 MARKER_ONLY = {"record": [{"changed outs": {"reports/.mlflow-recorded": "deleted"}}]}
 # Every server started here stops itself after this long, should the teardown never run.
-SELF_STOP_S = 1200
+SELF_STOP_S = 3600
 
 
 def run(command: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
@@ -60,6 +61,14 @@ def dvc_fails(clone: Path, *args: str, **env: str) -> list[str]:
                             capture_output=True, text=True)
     assert result.returncode != 0, f"dvc {' '.join(args)} succeeded:\n{result.stdout}"
     return [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("ERROR")]
+
+
+def dvc_error(clone: Path, *args: str, **env: str) -> str:
+    """The one line in which a failing dvc command says why; any other ERROR line only counts the files it missed."""
+    cause, *counts = dvc_fails(clone, *args, **env)
+    assert all(re.fullmatch(r"ERROR: failed to \w+ data (from|to) the cloud - \d+ files failed to \w+", line)
+               for line in counts), [cause, *counts]
+    return cause
 
 
 # ---- the servers ---------------------------------------------------------------------------------------------------
@@ -273,13 +282,13 @@ def test_unreachable_remote_or_refused_key_is_one_error_and_changes_nothing(base
                                (sshd, sshd.stranger_key, "Permission denied for user")):
         use_ssh(teammate, remote, store, key)
         for command in (["pull"], ["fetch"]):
-            (error,) = dvc_fails(teammate, *command, HOME=str(sshd.home))
+            error = dvc_error(teammate, *command, HOME=str(sshd.home))
             assert words in error and "127.0.0.1" in error, error
             assert workspace_files(teammate) == before
     # Nor does a refused push touch the pusher's workspace or the remote.
     use_ssh(mine, sshd, tmp_path / "other-store", sshd.stranger_key)
     files = workspace_files(mine)
-    (error,) = dvc_fails(mine, "push", HOME=str(sshd.home))
+    error = dvc_error(mine, "push", HOME=str(sshd.home))
     assert "Permission denied for user" in error
     assert workspace_files(mine) == files and not (tmp_path / "other-store").exists()
 
@@ -372,12 +381,18 @@ def test_two_machines_share_one_remote_and_one_tracking_server(baseline: Path, s
         dvc(machines[name], "pull", HOME=home)
     a, b = machines["a"], machines["b"]
     # At the same time: a queued grid, two at a time, on machine a (alice); a --temp run on machine b (bob).
-    dvc(a, "exp", "run", "--queue", "-S", "train.lr=0.002,0.005")
-    dvc(a, "queue", "start", "-j", "2", **team.env("alice"))
+    # DVC 3.67 may lose one of two queued experiments that finish at the same moment (its queue says Success,
+    # `dvc exp show` lacks it): the grid's two trainings differ in length so they don't.
+    dvc(a, "exp", "run", "--queue", "-S", "train.lr=0.005", "-S", "train.epochs=1,2")
+    # Not through a pipe: the queue's workers inherit it, and reading it would wait for the whole grid.
+    with (tmp_path / "queue-start.log").open("w") as log:
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=a, check=True,
+                       env=project_env(**team.env("alice")), stdout=log, stderr=subprocess.STDOUT)
     temp = subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", "bob-lr-0003",
                              "-S", "train.lr=0.003"], cwd=b, env=project_env(**team.env("bob")),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
+        assert "Success" not in dvc(a, "queue", "status").stdout  # bob's run starts before the grid is done
         out, _ = temp.communicate(timeout=900)
     finally:
         temp.kill()
@@ -401,7 +416,8 @@ def test_two_machines_share_one_remote_and_one_tracking_server(baseline: Path, s
     dvc(third, "exp", "pull", "origin", *names, HOME=home)
     table = exp_table(third)
     assert sorted(table) == names
-    assert {table[n]["train.lr"] for n in names} == {"0.002", "0.005", "0.003"}
+    assert sorted((table[n]["train.lr"], table[n]["train.epochs"]) for n in names) == [
+        ("0.003", "1"), ("0.005", "1"), ("0.005", "2")]
     assert all(float(table[n]["test.accuracy"]) > 0.5 for n in names)
     models = {n: model_md5(git(third, "show", f"{name_ref(third, n)}:dvc.lock")) for n in names}
     assert len(set(models.values())) == 3 and all(in_cache(third, md5) for md5 in models.values())
@@ -426,7 +442,8 @@ def test_two_machines_share_one_remote_and_one_tracking_server(baseline: Path, s
         assert run.data.tags["dvc.exp_name"] == name
         assert run.info.status == "FINISHED" and run.info.run_name == name
         assert run.data.metrics["test.accuracy"] == float(table[name]["test.accuracy"])
-        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == [100, 165]
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+        assert steps == ([100, 165] if table[name]["train.epochs"] == "1" else [100, 200, 300, 330])
         assert len(client.list_artifacts(run.info.run_id, "figures")) == 3
         version = versions[run.info.run_id]
         assert run.data.tags["model.version"] == f"mnist-cnn/{version.version}"
