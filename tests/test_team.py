@@ -30,9 +30,10 @@ import torch
 import yaml
 
 from mnist_pipeline.data import load_mnist
+from mnist_pipeline.digits import to_tensor
 from mnist_pipeline.model import Net
 from mnist_pipeline.store import StoreError, check_store, resolve_store
-from mnist_pipeline.training import load_state_dict, to_tensor
+from mnist_pipeline.training import load_state_dict
 from tests.conftest import REPO, copy_project, copy_workdir, dvc, free_port, project_env
 
 pytestmark = pytest.mark.slow
@@ -452,13 +453,15 @@ def test_two_machines_share_one_remote_and_one_tracking_server(baseline: Path, s
     # The registered model of bob's experiment, loaded from the server, is the model DVC's experiment holds.
     version = versions[runs["bob-lr-0003"].info.run_id].version
     served = mlflow.pyfunc.load_model(f"models:/mnist-cnn/{version}")
-    images = to_tensor(load_mnist(real_mnist, "t10k")[0][:8])
+    pixels = load_mnist(real_mnist, "t10k")[0][:8]  # uint8, as a client has them: the model normalizes
     local = Net()
     load_state_dict(third / "models/model.pt", local)
     local.eval()
     with torch.no_grad():
-        expected = local(images).numpy()
-    np.testing.assert_allclose(served.predict(images.numpy()), expected, rtol=1e-4, atol=1e-5)
+        expected = torch.softmax(local(to_tensor(pixels)).double(), 1).numpy()
+    answer = served.predict(pixels)
+    np.testing.assert_array_equal(answer["digit"].to_numpy(), expected.argmax(1))
+    np.testing.assert_allclose(np.stack(answer["probabilities"]), expected, rtol=1e-4, atol=1e-6)
 
     # A safe clean-up keeps every commit's and experiment's data; -w alone keeps only the workspace's.
     main_model = model_md5((baseline / "dvc.lock").read_text())
