@@ -60,43 +60,43 @@ def test_deterministic_cublas_runs_in_a_fresh_process() -> None:
     assert outputs[0] == outputs[1] != ""
 
 
+def set_train_params(**values: object) -> None:
+    """Change train params in the current folder's params.yaml."""
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["train"].update(values)
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def train_twice(pipeline: Path) -> dict:
+    """Run the train stage twice; check both runs wrote the same model bytes; return train.json's section."""
+    models = []
+    for _ in range(2):
+        result = stage(pipeline, "train")
+        assert result.returncode == 0, result.stderr
+        models.append(Path("models/model.pt").read_bytes())
+    assert models[0] == models[1]
+    return json.loads(Path("reports/train.json").read_text())["train"]
+
+
 @pytest.fixture
 def cuda_pipeline(pipeline: Path) -> Path:
     """The tiny pipeline's copy, set to train on CUDA."""
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    params["train"]["device"] = "cuda"
-    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_train_params(device="cuda")
     return pipeline
 
 
 def test_train_stage_on_cuda_records_the_device_and_reruns_bit_for_bit(cuda_pipeline: Path) -> None:
-    models = []
-    for _ in range(2):
-        result = stage(cuda_pipeline, "train")
-        assert result.returncode == 0, result.stderr
-        models.append(Path("models/model.pt").read_bytes())
-    summary = json.loads(Path("reports/train.json").read_text())["train"]
+    summary = train_twice(cuda_pipeline)
     assert (summary["device"], summary["world_size"], summary["backend"]) == ("cuda", 1, "none")
-    assert models[0] == models[1]
 
 
 def test_more_processes_than_gpus_is_one_line_before_training(cuda_pipeline: Path) -> None:
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    params["train"]["processes"] = torch.cuda.device_count() + 1
-    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    set_train_params(processes=torch.cuda.device_count() + 1)
     assert_refused(stage(cuda_pipeline, "train"), "params.yaml: train.processes:", "CUDA devices")
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL needs a GPU per process: 2 GPUs")
 def test_two_processes_on_two_gpus_train_with_nccl(cuda_pipeline: Path) -> None:
-    params = yaml.safe_load(Path("params.yaml").read_text())
-    params["train"]["processes"] = 2
-    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    models = []
-    for _ in range(2):
-        result = stage(cuda_pipeline, "train")
-        assert result.returncode == 0, result.stderr
-        models.append(Path("models/model.pt").read_bytes())
-    summary = json.loads(Path("reports/train.json").read_text())["train"]
+    set_train_params(processes=2)
+    summary = train_twice(cuda_pipeline)
     assert (summary["device"], summary["world_size"], summary["backend"]) == ("cuda", 2, "nccl")
-    assert models[0] == models[1]
