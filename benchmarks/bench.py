@@ -33,11 +33,12 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from mnist_pipeline.data import load_mnist
+from mnist_pipeline.digits import to_tensor
 from mnist_pipeline.files import atomic_write_json
 from mnist_pipeline.model import Net
 from mnist_pipeline.params import Params, load_params
 from mnist_pipeline.stage_commands import stage_commands
-from mnist_pipeline.training import load_state_dict, make_deterministic, predict, to_tensor, train
+from mnist_pipeline.training import load_state_dict, make_deterministic, predict, train
 
 STAGES = ("download", "split", "train", "evaluate", "plot", "record")
 

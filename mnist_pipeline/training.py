@@ -16,7 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 # The normalization is the served model's input contract, so it lives with the served model's preprocessing.
-from mnist_pipeline.digits import PIXEL_MEAN, PIXEL_STD, to_tensor  # noqa: F401 (stages import to_tensor here)
+from mnist_pipeline.digits import PIXEL_MEAN, PIXEL_STD
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.params import TrainParams
 

@@ -13,12 +13,13 @@ from tqdm import tqdm
 
 from mnist_pipeline import distributed, training
 from mnist_pipeline.data import load_mnist
+from mnist_pipeline.digits import to_tensor
 from mnist_pipeline.errors import PipelineError, run_stage
 from mnist_pipeline.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from mnist_pipeline.model import Net
 from mnist_pipeline.params import Params, load_params
 from mnist_pipeline.store import check_store, resolve_store
-from mnist_pipeline.training import LogRow, make_deterministic, select_device, state_dict_bytes, to_tensor, train
+from mnist_pipeline.training import LogRow, make_deterministic, select_device, state_dict_bytes, train
 
 PROGRESS_EVERY_S = 5.0
 

@@ -12,9 +12,10 @@ import pytest
 import torch
 import yaml
 
+from mnist_pipeline.digits import to_tensor
 from mnist_pipeline.model import Net
 from mnist_pipeline.params import load_params
-from mnist_pipeline.training import make_deterministic, predict, select_device, to_tensor, train
+from mnist_pipeline.training import make_deterministic, predict, select_device, train
 from tests.conftest import REPO, project_env, tiny_arrays
 from tests.test_faults import assert_refused, stage
 

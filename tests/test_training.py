@@ -10,9 +10,10 @@ import pytest
 import torch
 import yaml
 
+from mnist_pipeline.digits import to_tensor
 from mnist_pipeline.model import Net
 from mnist_pipeline.params import load_params
-from mnist_pipeline.training import make_deterministic, predict, to_tensor, train
+from mnist_pipeline.training import make_deterministic, predict, train
 from stages.split import split_indices
 from tests.conftest import shrunk_params, tiny_arrays
 
