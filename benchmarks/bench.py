@@ -32,6 +32,7 @@ import torchvision
 from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
+from benchmarks.pipeline_times import pipeline_times
 from mnist_pipeline.data import load_mnist
 from mnist_pipeline.digits import to_tensor
 from mnist_pipeline.files import atomic_write_json
@@ -41,6 +42,9 @@ from mnist_pipeline.stage_commands import stage_commands
 from mnist_pipeline.training import load_state_dict, make_deterministic, predict, train
 
 STAGES = ("download", "split", "train", "evaluate", "plot", "record")
+# The README's fast recipe (section "A fast recipe"): the overrides of its `dvc exp run -S` line, which a test
+# checks against this. Chosen for the fewest samples to 99.0% test accuracy; see the README for its numbers.
+FAST_RECIPE = {"epochs": 3, "batch_size": 128, "lr": 0.01}
 
 
 def seed_style_throughput(raw: Path, samples: int, threads: int) -> float:
@@ -213,6 +217,38 @@ def peer_time_to_accuracy(data: dict[str, tuple[torch.Tensor, torch.Tensor]], se
         scheduler.step()
     return {"test_reaches_target_s": reached, "train_seconds": round(seconds, 2), "iterations": iteration,
             "last_test_acc": acc, "budget_s": budget_s}
+
+
+def fast_recipe_runs(data: dict[str, tuple[torch.Tensor, torch.Tensor]], params: Params, runs: int,
+                     probe_every: int) -> dict:
+    """The fast recipe's time to 99.0% test accuracy over `runs` runs: their spread, and how many took <= 10 s.
+
+    The runs train the same bits (same seed, same threads), so only the clock differs between them: the
+    spread is this machine's, not the recipe's luck.
+    """
+    recipe = dataclasses.replace(params, train=dataclasses.replace(params.train, **FAST_RECIPE))
+    results = [time_to_accuracy(data, recipe, 0.99, probe_every) for _ in range(runs)]
+    times = [r["test_reaches_target_s"] for r in results]
+    reached = sorted(t for t in times if t is not None)
+    return {"overrides": FAST_RECIPE, "runs": runs, "probe_every": probe_every, "test_reaches_target_s": times,
+            "median_s": float(np.median(reached)) if len(reached) == runs else None,
+            "range_s": [reached[0], reached[-1]] if reached else None,
+            "runs_within_10_s": sum(t <= 10 for t in reached),
+            "train_seconds": [r["train_seconds"] for r in results],
+            "final_test_acc": results[0]["final_test_acc"],
+            "same_bits_every_run": len({r["final_test_acc"] for r in results}) == 1}
+
+
+def peer_ratios(peer: dict, default: dict, fast: dict) -> dict:
+    """The peer's time to 99.0% over each of ours (above 1: ours is faster).
+
+    When the peer did not reach 99.0% within its budget, its training time stands in for its time to 99.0%,
+    so the ratio is a lower bound, and says so.
+    """
+    peer_s = peer["test_reaches_target_s"] or peer["train_seconds"]
+    ours = {"default": default["test_reaches_target_s"], "fast": fast["median_s"]}
+    return {"peer_reached": peer["test_reaches_target_s"] is not None,
+            **{name: None if s is None else round(peer_s / s, 2) for name, s in ours.items()}}
 
 
 def recording_seconds(repeats: int) -> dict:
@@ -434,7 +470,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16_000, help="samples for the loop-against-loop ratio")
     parser.add_argument("--repeats", type=int, default=3, help="repeats of the record stage's timing")
     parser.add_argument("--probe-every", type=int, default=100, help="iterations between accuracy probes")
-    parser.add_argument("--peer-budget-s", type=float, default=150.0,
+    parser.add_argument("--fast-runs", type=int, default=5, help="runs of the fast recipe")
+    parser.add_argument("--fast-probe-every", type=int, default=20, help="iterations between its accuracy probes")
+    parser.add_argument("--plot-only-runs", type=int, default=3, help="plot-only experiments timed in a clone")
+    parser.add_argument("--peer-budget-s", type=float, default=400.0,
                         help="training seconds PyTorch's example recipe gets to reach 99.0%% test accuracy")
     parser.add_argument("--serve-requests", type=int, default=300, help="single-image requests to the server")
     parser.add_argument("--out", type=Path, default=Path("reports/benchmark.json"))
@@ -460,6 +499,7 @@ def main() -> None:
                        "project_per_s": round(ours_rate), "ratio": round(ours_rate / seed_rate, 2)},
         "ddp": ddp_scaling(*data["train"], params, args.samples, args.repeats),
         "default_recipe": time_to_accuracy(data, params, 0.99, args.probe_every),
+        "fast_recipe": fast_recipe_runs(data, params, args.fast_runs, args.fast_probe_every),
         # Probed every 400 of its batches of 64: about as many samples between probes as ours at 100 x 256.
         "peer_recipe": peer_time_to_accuracy(data, params.seed, params.train.num_threads, 0.99, 400,
                                              args.peer_budget_s),
@@ -468,11 +508,13 @@ def main() -> None:
         "evaluate_10k_s": evaluation_seconds(data, params),
         "serving": serving_rates(test_images, Path("models/model.pt"), params.train.num_threads, args.serve_requests),
         "startup_s": startup_seconds(),
+        "pipeline": pipeline_times(Path.cwd(), args.plot_only_runs),
         "noop_dvc_repro_s": noop_repro_seconds(),
         "gpu_epoch_s": gpu_epoch_seconds(data, params),
         "threads": params.train.num_threads,
         "torch": torch.__version__,
     }
+    report["peer_ratios"] = peer_ratios(report["peer_recipe"], report["default_recipe"], report["fast_recipe"])
     atomic_write_json(args.out, report)
     print_table(report)
 
@@ -507,10 +549,12 @@ def print_table(report: dict) -> None:
          f"{r['val_reaches_target_s']} s"),
         ("  test accuracy first >= 99.0%", f"{r['test_reaches_target_s']} s"),
         ("  final test accuracy (best model)", f"{100 * r['final_test_acc']:.2f}%"),
+        *fast_rows(report["fast_recipe"]),
         ("PyTorch's example recipe: test accuracy first >= 99.0%",
          f"{report['peer_recipe']['test_reaches_target_s']} s" if report['peer_recipe']['test_reaches_target_s']
          else f"not within {report['peer_recipe']['budget_s']:.0f} s (last probe "
               f"{100 * report['peer_recipe']['last_test_acc']:.2f}%)"),
+        *peer_ratio_rows(report["peer_ratios"]),
         ("record stage, a new model (store created)", f"{k['new_model_s']} s"),
         ("record stage, a model already registered", f"{k['known_model_s']} s"),
         ("tracking overhead, (training + record) / training",
@@ -519,6 +563,7 @@ def print_table(report: dict) -> None:
         ("evaluate 10,000 test images", f"{report['evaluate_10k_s']} s"),
         *serving_rows(report["serving"]),
         *((f"start-up of stage {s}", f"{v} s") for s, v in report["startup_s"].items()),
+        *pipeline_rows(report["pipeline"]),
         ("no-op `dvc repro`", "n/a (not up to date)" if report["noop_dvc_repro_s"] is None
          else f"{report['noop_dvc_repro_s']} s"),
         ("GPU epoch", "n/a (no CUDA device)" if report["gpu_epoch_s"] is None else f"{report['gpu_epoch_s']} s"),
@@ -526,6 +571,35 @@ def print_table(report: dict) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+
+
+def fast_rows(fast: dict) -> list[tuple[str, str]]:
+    times = ", ".join("-" if t is None else f"{t}" for t in fast["test_reaches_target_s"])
+    overrides = " ".join(f"-S train.{k}={v}" for k, v in fast["overrides"].items())
+    return [
+        (f"fast recipe ({overrides})", f"test accuracy first >= 99.0% after {times} s "
+                                       f"(probed every {fast['probe_every']} it)"),
+        ("  median, range; runs within 10 s", f"{fast['median_s']} s, {fast['range_s']}; "
+                                              f"{fast['runs_within_10_s']} of {fast['runs']}"),
+        ("  final test accuracy (best model); same bits every run",
+         f"{100 * fast['final_test_acc']:.2f}%; {fast['same_bits_every_run']}"),
+    ]
+
+
+def peer_ratio_rows(ratios: dict) -> list[tuple[str, str]]:
+    bound = "" if ratios["peer_reached"] else " (at least: the peer had not reached 99.0%)"
+    return [(f"  ratio, peer's time to 99.0% / {name} recipe's", "n/a" if ratios[name] is None
+             else f"{ratios[name]}x{bound}") for name in ("default", "fast")]
+
+
+def pipeline_rows(pipeline: dict) -> list[tuple[str, str]]:
+    stages = ", ".join(f"{name} {s}" for name, s in pipeline["stages_s"].items())
+    return [
+        ("fresh clone `dvc repro` (MNIST from a local mirror)", f"{pipeline['fresh_clone_repro_s']} s: {stages}"),
+        ("  without train", f"{pipeline['fresh_clone_without_train_s']} s"),
+        ("plot-only `dvc exp run -S plot.n_images=...`",
+         f"{pipeline['plot_only_exp_median_s']} s median of {pipeline['plot_only_exp_s']}"),
+    ]
 
 
 def team_server_rows(team: dict | None) -> list[tuple[str, str]]:

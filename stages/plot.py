@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from mnist_pipeline.data import NUM_CLASSES, load_mnist
+from mnist_pipeline.data import IMAGE_SIDE, NUM_CLASSES, load_mnist
 from mnist_pipeline.errors import PipelineError, run_stage
 from mnist_pipeline.files import atomic_write_bytes
 from mnist_pipeline.params import load_params
@@ -27,23 +27,42 @@ def read_predictions(path: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
     return table[:, 1], table[:, 2]
 
 
+# The grid is one image: a mosaic of cells, each a 28x28 digit with room for its title above it. One axes with
+# one picture and plain text draws in a fraction of the time of an axes per digit (whose layout and title placement
+# cost about 2 s for 50 digits), which is most of what a plot-only experiment waits for.
+CELL_W, CELL_H, TITLE_H = 40, 44, 12  # mosaic units (pixels of the digits)
+INCH_PER_UNIT = 1.6 / CELL_W
+SUPTITLE_IN = 0.5
+
+
+def mosaic(images: np.ndarray, cols: int, rows: int) -> np.ma.MaskedArray:
+    """The digits laid out in cells of CELL_W x CELL_H; everything outside a digit is masked (drawn as paper)."""
+    shape = (rows * CELL_H, cols * CELL_W)
+    canvas = np.ma.masked_array(np.zeros(shape, dtype=np.uint8), mask=np.ones(shape, dtype=bool))
+    left = (CELL_W - IMAGE_SIDE) // 2
+    for i, image in enumerate(images):
+        top, col = (i // cols) * CELL_H + TITLE_H, (i % cols) * CELL_W + left
+        canvas[top : top + IMAGE_SIDE, col : col + IMAGE_SIDE] = image
+    return canvas
+
+
 def image_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, title: str) -> Figure:
     """A grid of images titled "label / prediction"; wrong predictions in red."""
     cols = max(1, int(np.ceil(np.sqrt(len(images)))))
     rows = max(1, int(np.ceil(len(images) / cols)))
-    fig = Figure(figsize=(1.6 * cols, 1.8 * rows + 0.4))
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for ax, image, label, pred in zip(axes.flat, images, labels, predicted):
-        ax.imshow(image, cmap="gray")
+    width, height = cols * CELL_W * INCH_PER_UNIT, rows * CELL_H * INCH_PER_UNIT
+    fig = Figure(figsize=(width, height + SUPTITLE_IN))
+    ax = fig.add_axes((0, 0, 1, height / (height + SUPTITLE_IN)))
+    ax.axis("off")
+    ax.imshow(mosaic(images, cols, rows), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    for i, (label, pred) in enumerate(zip(labels, predicted)):
         wrong = label != pred
-        ax.set_title(f"label {label} / pred {pred}" + (" ✗" if wrong else ""), fontsize=8,
-                     color="red" if wrong else "black")
+        ax.text((i % cols + 0.5) * CELL_W, (i // cols) * CELL_H + TITLE_H - 2,
+                f"label {label} / pred {pred}" + (" ✗" if wrong else ""), fontsize=8,
+                ha="center", va="bottom", color="red" if wrong else "black")
     if len(images) == 0:
-        axes.flat[0].text(0.5, 0.5, "none", ha="center", va="center")
-    fig.suptitle(title)
-    fig.tight_layout()
+        ax.text(CELL_W / 2, CELL_H / 2, "none", ha="center", va="center")
+    fig.suptitle(title, y=1 - 0.1 / (height + SUPTITLE_IN), va="top")
     return fig
 
 
@@ -52,13 +71,12 @@ def confusion_figure(labels: np.ndarray, predicted: np.ndarray) -> Figure:
     counts = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
     np.add.at(counts, (labels, predicted), 1)
     fig = Figure(figsize=(7, 6))
-    ax = fig.subplots()
+    ax = fig.add_axes((0.1, 0.09, 0.85, 0.84))  # fixed margins: tight_layout measured every label, 0.4 s
     ax.imshow(np.log1p(counts), cmap="Blues")
     for (i, j), count in np.ndenumerate(counts):
         ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color="white" if i == j else "black")
     ax.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted", ylabel="label",
            title=f"Confusion matrix ({int(np.trace(counts))}/{len(labels)} correct)")
-    fig.tight_layout()
     return fig
 
 

@@ -1,0 +1,42 @@
+"""The benchmark's bookkeeping: the README's fast recipe is the one it times, and its report reads DVC's output right.
+
+No test times anything: speed is measured by `python -m benchmarks.bench`, never asserted.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from benchmarks.bench import FAST_RECIPE, peer_ratios
+from benchmarks.pipeline_times import stage_seconds
+from mnist_pipeline.params import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_readme_fast_recipe_is_the_one_the_benchmark_times() -> None:
+    lines = [line for line in (REPO / "README.md").read_text().splitlines() if line.endswith("# the fast recipe")]
+    assert len(lines) == 1, "the README gives the fast recipe as one `dvc exp run -S ...  # the fast recipe` line"
+    assert lines[0].startswith("dvc exp run -S ")
+    overrides = dict(re.findall(r"-S train\.(\w+)=(\S+)", lines[0]))
+    assert overrides == {key: str(value) for key, value in FAST_RECIPE.items()}
+    # Every override names a real train param, and differs from the default (else it would not be an override).
+    train = load_params(REPO / "params.yaml").train
+    assert all(getattr(train, key) != value for key, value in FAST_RECIPE.items())
+
+
+def test_stage_seconds_splits_a_repro_at_its_running_stage_lines() -> None:
+    lines = [(0.5, "Verifying data sources in stage: 'data/raw.dvc'"), (1.0, "Running stage 'download':"),
+             (1.1, "> python -m stages.download data/raw"), (3.0, "Running stage 'train':"),
+             (63.0, "Running stage 'record':"), (70.0, "Updating lock file 'dvc.lock'")]
+    assert stage_seconds(71.0, lines) == {"dvc_start": 1.0, "download": 2.0, "train": 60.0, "record": 8.0}
+    assert stage_seconds(2.0, [(1.0, "Stage 'plot' didn't change, skipping")]) == {"dvc_start": 2.0}
+
+
+def test_peer_ratios_are_a_lower_bound_when_the_peer_missed_99() -> None:
+    default, fast = {"test_reaches_target_s": 40.0}, {"median_s": 10.0}
+    reached = peer_ratios({"test_reaches_target_s": 120.0, "train_seconds": 125.0}, default, fast)
+    assert reached == {"peer_reached": True, "default": 3.0, "fast": 12.0}
+    missed = peer_ratios({"test_reaches_target_s": None, "train_seconds": 400.0}, default, {"median_s": None})
+    assert missed == {"peer_reached": False, "default": 10.0, "fast": None}
