@@ -4,9 +4,11 @@ Run from the repo root after `dvc repro` (it reads data/raw and data/split):
 
     python -m benchmarks.bench
 
-Everything runs in this one process on the same data, and speeds are printed as ratios against a
-baseline measured here and now, so the numbers compare like with like on whatever machine runs it.
-It prints a table and writes the same numbers to reports/benchmark.json. No test asserts a time.
+The loops and recipes run in this one process on the same data, and speeds are printed as ratios against
+a baseline measured here and now, so the numbers compare like with like on whatever machine runs it. The
+stages, `mlflow models serve`, the team server and a fresh clone's `dvc repro` (benchmarks/pipeline_times.py)
+run as a user runs them, in subprocesses, and are reported as wall times. It prints a table and writes the same
+numbers to reports/benchmark.json. No test asserts a time.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
+import hashlib
 import http.client
 import io
 import json
@@ -39,12 +42,14 @@ from mnist_pipeline.files import atomic_write_json
 from mnist_pipeline.model import Net
 from mnist_pipeline.params import Params, load_params
 from mnist_pipeline.stage_commands import stage_commands
-from mnist_pipeline.training import load_state_dict, make_deterministic, predict, train
+from mnist_pipeline.training import load_state_dict, make_deterministic, predict, state_dict_bytes, train
 
 STAGES = ("download", "split", "train", "evaluate", "plot", "record")
-# The README's fast recipe (section "A fast recipe"): the overrides of its `dvc exp run -S` line, which a test
-# checks against this. Chosen for the fewest samples to 99.0% test accuracy; see the README for its numbers.
+# The README's fast recipe (section Parameters): the overrides of its `dvc exp run -S` line, which a test checks
+# against this. Chosen by time to 99.0% test accuracy among about 20 recipes tried on 2 cores (2-5 epochs, batch
+# 64-512, peak lr 0.005-0.03, Adam or SGD, shifts of 0 or 1 pixel).
 FAST_RECIPE = {"epochs": 3, "batch_size": 128, "lr": 0.01}
+FAST_BAR_S = 10.0  # the bar the fast recipe is held to: 99.0% within 10 s of training on 2 cores
 
 
 def seed_style_throughput(raw: Path, samples: int, threads: int) -> float:
@@ -121,7 +126,7 @@ def ddp_scaling(x: torch.Tensor, y: torch.Tensor, params: Params, samples: int, 
 
 def time_to_accuracy(data: dict[str, tuple[torch.Tensor, torch.Tensor]], params: Params, target: float,
                      probe_every: int) -> dict:
-    """Train the default recipe, probing validation and test accuracy every `probe_every` iterations.
+    """Train `params`' recipe, probing validation and test accuracy every `probe_every` iterations.
 
     The clock stops during the probes, and they change nothing in the training (this network has no
     dropout or batch norm, and the probes draw no random numbers), so the times are those of the
@@ -153,13 +158,14 @@ def time_to_accuracy(data: dict[str, tuple[torch.Tensor, torch.Tensor]], params:
     seconds = time.perf_counter() - start - paused
     model.load_state_dict(result.best_state)
     final = accuracy(test_x, test_y)
+    weights = hashlib.sha256(state_dict_bytes(result.best_state)).hexdigest()
 
     def first(key: str) -> float | None:
         return next((m["seconds"] for m in marks if m[key] >= target), None)
 
     return {"train_seconds": round(seconds, 2), "probe_every": probe_every,
             "val_reaches_target_s": first("val_acc"), "test_reaches_target_s": first("test_acc"),
-            "final_test_acc": final, "marks": marks}
+            "final_test_acc": final, "best_weights_sha256": weights, "marks": marks}
 
 
 class PeerNet(torch.nn.Module):
@@ -194,7 +200,7 @@ def peer_time_to_accuracy(data: dict[str, tuple[torch.Tensor, torch.Tensor]], se
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.7)
     (x, y), (test_x, test_y) = data["train"], data["test"]
     generator = torch.Generator().manual_seed(seed)
-    seconds, iteration, reached, acc = 0.0, 0, None, 0.0
+    seconds, iteration, reached, acc, below = 0.0, 0, None, 0.0, 0.0
     for _epoch in range(14):
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), 64):
@@ -211,17 +217,22 @@ def peer_time_to_accuracy(data: dict[str, tuple[torch.Tensor, torch.Tensor]], se
                 acc = float((predict(model, test_x).argmax(1) == test_y).double().mean())
                 if acc >= target:
                     reached = round(seconds, 2)
+                else:
+                    below = seconds
             if reached is not None or seconds > budget_s:
-                return {"test_reaches_target_s": reached, "train_seconds": round(seconds, 2),
-                        "iterations": iteration, "last_test_acc": acc, "budget_s": budget_s}
+                break
+        if reached is not None or seconds > budget_s:
+            break
         scheduler.step()
-    return {"test_reaches_target_s": reached, "train_seconds": round(seconds, 2), "iterations": iteration,
+    # The time to the target lies between the last probe below it and the first at or above it.
+    return {"test_reaches_target_s": reached, "last_probe_below_target_s": round(below, 2),
+            "probe_every": probe_every, "train_seconds": round(seconds, 2), "iterations": iteration,
             "last_test_acc": acc, "budget_s": budget_s}
 
 
 def fast_recipe_runs(data: dict[str, tuple[torch.Tensor, torch.Tensor]], params: Params, runs: int,
                      probe_every: int) -> dict:
-    """The fast recipe's time to 99.0% test accuracy over `runs` runs: their spread, and how many took <= 10 s.
+    """The fast recipe's time to 99.0% test accuracy over `runs` runs: their spread, and how many were within the bar.
 
     The runs train the same bits (same seed, same threads), so only the clock differs between them: the
     spread is this machine's, not the recipe's luck.
@@ -230,13 +241,15 @@ def fast_recipe_runs(data: dict[str, tuple[torch.Tensor, torch.Tensor]], params:
     results = [time_to_accuracy(data, recipe, 0.99, probe_every) for _ in range(runs)]
     times = [r["test_reaches_target_s"] for r in results]
     reached = sorted(t for t in times if t is not None)
+    every = len(reached) == runs  # a median or range over only the runs that got there would flatter the recipe
     return {"overrides": FAST_RECIPE, "runs": runs, "probe_every": probe_every, "test_reaches_target_s": times,
-            "median_s": float(np.median(reached)) if len(reached) == runs else None,
-            "range_s": [reached[0], reached[-1]] if reached else None,
-            "runs_within_10_s": sum(t <= 10 for t in reached),
+            "runs_reaching_target": len(reached),
+            "median_s": float(np.median(reached)) if every else None,
+            "range_s": [reached[0], reached[-1]] if every else None,
+            "bar_s": FAST_BAR_S, "runs_within_bar": sum(t <= FAST_BAR_S for t in reached),
             "train_seconds": [r["train_seconds"] for r in results],
             "final_test_acc": results[0]["final_test_acc"],
-            "same_bits_every_run": len({r["final_test_acc"] for r in results}) == 1}
+            "same_weights_every_run": len({r["best_weights_sha256"] for r in results}) == 1}
 
 
 def peer_ratios(peer: dict, default: dict, fast: dict) -> dict:
@@ -245,10 +258,10 @@ def peer_ratios(peer: dict, default: dict, fast: dict) -> dict:
     When the peer did not reach 99.0% within its budget, its training time stands in for its time to 99.0%,
     so the ratio is a lower bound, and says so.
     """
-    peer_s = peer["test_reaches_target_s"] or peer["train_seconds"]
+    reached = peer["test_reaches_target_s"] is not None
+    peer_s = peer["test_reaches_target_s"] if reached else peer["train_seconds"]
     ours = {"default": default["test_reaches_target_s"], "fast": fast["median_s"]}
-    return {"peer_reached": peer["test_reaches_target_s"] is not None,
-            **{name: None if s is None else round(peer_s / s, 2) for name, s in ours.items()}}
+    return {"peer_reached": reached, **{name: round(peer_s / s, 2) if s else None for name, s in ours.items()}}
 
 
 def recording_seconds(repeats: int) -> dict:
@@ -465,17 +478,24 @@ def gpu_epoch_seconds(data: dict[str, tuple[torch.Tensor, torch.Tensor]], params
     return round(time.perf_counter() - start, 2)
 
 
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, default=16_000, help="samples for the loop-against-loop ratio")
-    parser.add_argument("--repeats", type=int, default=3, help="repeats of the record stage's timing")
-    parser.add_argument("--probe-every", type=int, default=100, help="iterations between accuracy probes")
-    parser.add_argument("--fast-runs", type=int, default=5, help="runs of the fast recipe")
-    parser.add_argument("--fast-probe-every", type=int, default=20, help="iterations between its accuracy probes")
-    parser.add_argument("--plot-only-runs", type=int, default=3, help="plot-only experiments timed in a clone")
+    parser.add_argument("--samples", type=positive_int, default=16_000, help="samples for the loop-against-loop ratio")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="repeats of the record stage's timing")
+    parser.add_argument("--probe-every", type=positive_int, default=100, help="iterations between accuracy probes")
+    parser.add_argument("--fast-runs", type=positive_int, default=5, help="runs of the fast recipe")
+    parser.add_argument("--fast-probe-every", type=positive_int, default=20, help="iterations between its accuracy probes")
+    parser.add_argument("--plot-only-runs", type=positive_int, default=3, help="plot-only experiments timed in a clone")
     parser.add_argument("--peer-budget-s", type=float, default=400.0,
                         help="training seconds PyTorch's example recipe gets to reach 99.0%% test accuracy")
-    parser.add_argument("--serve-requests", type=int, default=300, help="single-image requests to the server")
+    parser.add_argument("--serve-requests", type=positive_int, default=300, help="single-image requests to the server")
     parser.add_argument("--out", type=Path, default=Path("reports/benchmark.json"))
     parser.add_argument("--ddp-worker", action="store_true", help="(run by torchrun for the DDP figures)")
     args = parser.parse_args()
@@ -500,15 +520,15 @@ def main() -> None:
         "ddp": ddp_scaling(*data["train"], params, args.samples, args.repeats),
         "default_recipe": time_to_accuracy(data, params, 0.99, args.probe_every),
         "fast_recipe": fast_recipe_runs(data, params, args.fast_runs, args.fast_probe_every),
-        # Probed every 400 of its batches of 64: about as many samples between probes as ours at 100 x 256.
-        "peer_recipe": peer_time_to_accuracy(data, params.seed, params.train.num_threads, 0.99, 400,
+        # Probed every 100 of its batches of 64 (6,400 samples; ours: 25,600 for the default, 2,560 for the fast).
+        "peer_recipe": peer_time_to_accuracy(data, params.seed, params.train.num_threads, 0.99, 100,
                                              args.peer_budget_s),
         "record_s": recording_seconds(args.repeats),
         "team_server": team_server_ratio(args.repeats),
         "evaluate_10k_s": evaluation_seconds(data, params),
         "serving": serving_rates(test_images, Path("models/model.pt"), params.train.num_threads, args.serve_requests),
         "startup_s": startup_seconds(),
-        "pipeline": pipeline_times(Path.cwd(), args.plot_only_runs),
+        "pipeline": pipeline_times(Path.cwd(), raw, params.plot.n_images, args.plot_only_runs),
         "noop_dvc_repro_s": noop_repro_seconds(),
         "gpu_epoch_s": gpu_epoch_seconds(data, params),
         "threads": params.train.num_threads,
@@ -550,11 +570,7 @@ def print_table(report: dict) -> None:
         ("  test accuracy first >= 99.0%", f"{r['test_reaches_target_s']} s"),
         ("  final test accuracy (best model)", f"{100 * r['final_test_acc']:.2f}%"),
         *fast_rows(report["fast_recipe"]),
-        ("PyTorch's example recipe: test accuracy first >= 99.0%",
-         f"{report['peer_recipe']['test_reaches_target_s']} s" if report['peer_recipe']['test_reaches_target_s']
-         else f"not within {report['peer_recipe']['budget_s']:.0f} s (last probe "
-              f"{100 * report['peer_recipe']['last_test_acc']:.2f}%)"),
-        *peer_ratio_rows(report["peer_ratios"]),
+        *peer_rows(report["peer_recipe"], report["peer_ratios"]),
         ("record stage, a new model (store created)", f"{k['new_model_s']} s"),
         ("record stage, a model already registered", f"{k['known_model_s']} s"),
         ("tracking overhead, (training + record) / training",
@@ -577,29 +593,43 @@ def fast_rows(fast: dict) -> list[tuple[str, str]]:
     times = ", ".join("-" if t is None else f"{t}" for t in fast["test_reaches_target_s"])
     overrides = " ".join(f"-S train.{k}={v}" for k, v in fast["overrides"].items())
     return [
-        (f"fast recipe ({overrides})", f"test accuracy first >= 99.0% after {times} s "
-                                       f"(probed every {fast['probe_every']} it)"),
-        ("  median, range; runs within 10 s", f"{fast['median_s']} s, {fast['range_s']}; "
-                                              f"{fast['runs_within_10_s']} of {fast['runs']}"),
-        ("  final test accuracy (best model); same bits every run",
-         f"{100 * fast['final_test_acc']:.2f}%; {fast['same_bits_every_run']}"),
+        ("fast recipe (see Parameters)", overrides),
+        (f"  test accuracy first >= 99.0% (probed every {fast['probe_every']} it)", f"after {times} s"),
+        (f"  median, range; runs within {fast['bar_s']:.0f} s",
+         f"{fast['median_s']} s, {fast['range_s']}; {fast['runs_within_bar']} of {fast['runs']}"
+         if fast["median_s"] is not None else f"{fast['runs_reaching_target']} of {fast['runs']} reached 99.0%"),
+        ("  final test accuracy (best model); same weights every run",
+         f"{100 * fast['final_test_acc']:.2f}%; {fast['same_weights_every_run']}"),
     ]
 
 
-def peer_ratio_rows(ratios: dict) -> list[tuple[str, str]]:
-    bound = "" if ratios["peer_reached"] else " (at least: the peer had not reached 99.0%)"
-    return [(f"  ratio, peer's time to 99.0% / {name} recipe's", "n/a" if ratios[name] is None
-             else f"{ratios[name]}x{bound}") for name in ("default", "fast")]
+def peer_rows(peer: dict, ratios: dict) -> list[tuple[str, str]]:
+    name = f"peer, PyTorch's example: test accuracy first >= 99.0% (probed every {peer['probe_every']} it)"
+    if peer["test_reaches_target_s"] is None:
+        return [(name, f"not within {peer['budget_s']:.0f} s (last probe {100 * peer['last_test_acc']:.2f}%)"),
+                *((f"  ratio, peer's time to 99.0% / {recipe} recipe's", "n/a" if ratios[recipe] is None
+                   else f"at least {ratios[recipe]}x") for recipe in ("default", "fast"))]
+    return [(name, f"{peer['test_reaches_target_s']} s (the probe before: {peer['last_probe_below_target_s']} s)"),
+            *((f"  ratio, peer's time to 99.0% / {recipe} recipe's", "n/a" if ratios[recipe] is None
+               else f"{ratios[recipe]}x") for recipe in ("default", "fast"))]
 
 
 def pipeline_rows(pipeline: dict) -> list[tuple[str, str]]:
-    stages = ", ".join(f"{name} {s}" for name, s in pipeline["stages_s"].items())
+    def shares(split: dict) -> str:
+        ran = ", ".join(f"{name} {s}" for name, s in split["ran"].items())
+        skipped = ", ".join(split["skipped"]) or "none"
+        return f"DVC start-up {split['dvc_start']}, {ran} s (skipped: {skipped})"
+
+    runs = pipeline["plot_only_exps"]
+    middle = sorted(runs, key=lambda run: run["seconds"])[len(runs) // 2]
     return [
-        ("fresh clone `dvc repro` (MNIST from a local mirror)", f"{pipeline['fresh_clone_repro_s']} s: {stages}"),
+        ("fresh clone `dvc repro` (MNIST from a local mirror)", f"{pipeline['fresh_clone_repro_s']} s"),
+        ("  by stage", shares(pipeline["stages"])),
         ("  all but the training loop", f"{pipeline['fresh_clone_without_training_loop_s']} s "
                                         f"(the loop: {pipeline['training_loop_s']} s)"),
         ("plot-only `dvc exp run -S plot.n_images=...`",
-         f"{pipeline['plot_only_exp_median_s']} s median of {pipeline['plot_only_exp_s']}"),
+         f"median {pipeline['plot_only_exp_median_s']} s of {[run['seconds'] for run in runs]}"),
+        (f"  by stage (n_images={middle['n_images']})", shares(middle)),
     ]
 
 

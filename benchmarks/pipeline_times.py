@@ -1,23 +1,27 @@
 """Wall times of the pipeline as a user runs it: a fresh clone's `dvc repro` stage by stage, and plot-only experiments.
 
-Used by benchmarks/bench.py. It works in a temporary `git clone` of this repository with a cache of its own, so
-nothing is restored from this workspace's run-cache and nothing is added to its experiments or MLflow store.
-The MNIST files come from this workspace's data/raw as MNIST_MIRROR: the download stage's network time is left
-out, since it measures the network, not the pipeline.
+Used by benchmarks/bench.py. It works in a temporary `git clone` of this repository's committed HEAD (not of
+uncommitted changes) with a DVC cache of its own, so nothing is restored from this workspace's run-cache and
+nothing is added to its experiments or MLflow store. The MNIST files come from this workspace's raw data folder
+as MNIST_MIRROR: the download stage's network time is left out, since it measures the network, not the pipeline.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-RUNNING = re.compile(r"Running stage '([^']+)'")
-LOOP_DONE = re.compile(r"End of the training loop! ([0-9.]+) s on")  # printed by stages/train.py
+from mnist_pipeline.data import MNIST_FILES
+
+# DVC's lines that start a stage's share of the wall time; a skipped stage's share is DVC's check of it.
+EVENT = re.compile(r"Running stage '([^']+)'|Stage '([^']+)' didn't change, skipping")
+LOOP_DONE = re.compile(r"End of the training loop! ([0-9.]+) s on")  # printed by stages/train.py at its end
 
 
 def timed_lines(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, list[tuple[float, str]]]:
@@ -32,41 +36,53 @@ def timed_lines(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[flo
     return time.perf_counter() - start, lines
 
 
-def stage_seconds(total: float, lines: list[tuple[float, str]]) -> dict[str, float]:
-    """Each stage's share of a `dvc repro`: from its "Running stage" line to the next one's (or to the end).
+def stage_seconds(total: float, lines: list[tuple[float, str]]) -> dict:
+    """A `dvc repro`'s wall time split by stage: each stage's share runs from its line to the next stage's line.
 
-    A stage's share includes DVC's work on its outputs (hashing, caching); DVC's start-up before the first
-    stage is reported as `dvc_start`.
+    A stage's share includes DVC's work on its outputs (hashing, caching, the lock file); a skipped stage's share
+    is DVC's check of it, listed under `skipped`. DVC's start-up before the first stage is `dvc_start`.
     """
-    starts = [(at, match.group(1)) for at, line in lines if (match := RUNNING.search(line))]
-    shares = {"dvc_start": starts[0][0] if starts else total}
-    for (at, stage), (end, _) in zip(starts, [*starts[1:], (total, "")]):
-        shares[stage] = end - at
-    return {name: round(seconds, 2) for name, seconds in shares.items()}
+    events = [(at, m.group(1) or m.group(2), m.group(1) is not None) for at, line in lines if (m := EVENT.search(line))]
+    if not events:
+        raise ValueError("no \"Running stage\" or \"didn't change\" line in DVC's output: has its wording changed?")
+    ran, skipped = {}, {}
+    for (at, stage, running), (end, _, _) in zip(events, [*events[1:], (total, "", False)]):
+        (ran if running else skipped)[stage] = round(end - at, 2)
+    return {"dvc_start": round(events[0][0], 2), "ran": ran, "skipped": skipped}
 
 
-def pipeline_times(repo: Path, plot_only_runs: int) -> dict:
+def plot_only_values(current: int, runs: int) -> list[int]:
+    """plot.n_images for each plot-only experiment: 9, 10, ... as one would type, never the current value."""
+    return [n for n in range(9, 9 + runs + 1) if n != current][:runs]
+
+
+def pipeline_times(repo: Path, raw: Path, n_images: int, plot_only_runs: int) -> dict:
     """A fresh clone's `dvc repro` (stage by stage, and without the training loop) and plot-only experiments.
 
     In a fresh clone, evaluate and plot do not run: training makes the committed model's bytes again, so DVC
     finds their committed outputs up to date. What is not training is DVC's own work, download, split, the
     train stage's start-up and saving, and record, which creates the clone's MLflow store and logs the model.
     """
+    missing = [file.name for file in MNIST_FILES if not (raw / file.name).is_file()]
+    if missing:  # else download would quietly fetch them over the network, and time the network
+        sys.exit(f"benchmark: {raw} lacks {', '.join(missing)}: run `dvc repro` first")
+    # The clone's store and remote are its own: the user's MLFLOW_* and DVC_* settings would point it elsewhere.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["MNIST_MIRROR"] = str((repo / "data" / "raw").resolve())
+    env["MNIST_MIRROR"] = str(raw.resolve())
     with tempfile.TemporaryDirectory(prefix="mnist-bench-clone-") as root:
         clone = Path(root) / "clone"
         subprocess.run(["git", "clone", "-q", str(repo), str(clone)], check=True)
         subprocess.run([sys.executable, "-m", "dvc", "cache", "dir", "--local", str(Path(root) / "cache")],
                        cwd=clone, check=True, capture_output=True)
         total, lines = timed_lines([sys.executable, "-m", "dvc", "repro"], clone, env)
-        stages = stage_seconds(total, lines)
-        loop = next(float(match.group(1)) for _, line in lines if (match := LOOP_DONE.search(line)))
+        loop = next((float(m.group(1)) for _, line in lines if (m := LOOP_DONE.search(line))), None)
+        if loop is None:
+            sys.exit("benchmark: stages/train.py printed no \"End of the training loop! <seconds> s on\" line")
         plot_only = []
-        for i in range(plot_only_runs):  # a new value each time: each is a new result, with its MLflow run
-            seconds, _ = timed_lines([sys.executable, "-m", "dvc", "exp", "run", "-S", f"plot.n_images={9 + i}"],
-                                     clone, env)
-            plot_only.append(round(seconds, 2))
-    return {"fresh_clone_repro_s": round(total, 2), "stages_s": stages, "training_loop_s": loop,
-            "fresh_clone_without_training_loop_s": round(total - loop, 2),
-            "plot_only_exp_s": plot_only, "plot_only_exp_median_s": sorted(plot_only)[len(plot_only) // 2]}
+        for n in plot_only_values(n_images, plot_only_runs):  # each a new result, with its own MLflow run
+            seconds, exp_lines = timed_lines(
+                [sys.executable, "-m", "dvc", "exp", "run", "-S", f"plot.n_images={n}"], clone, env)
+            plot_only.append({"n_images": n, "seconds": round(seconds, 2), **stage_seconds(seconds, exp_lines)})
+    return {"fresh_clone_repro_s": round(total, 2), "stages": stage_seconds(total, lines), "training_loop_s": loop,
+            "fresh_clone_without_training_loop_s": round(total - loop, 2), "plot_only_exps": plot_only,
+            "plot_only_exp_median_s": round(statistics.median(run["seconds"] for run in plot_only), 2)}

@@ -31,14 +31,19 @@ def read_predictions(path: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
 # one picture and plain text draws in a fraction of the time of an axes per digit (whose layout and title placement
 # cost about 2 s for 50 digits), which is most of what a plot-only experiment waits for.
 CELL_W, CELL_H, TITLE_H = 40, 44, 12  # mosaic units (pixels of the digits)
-INCH_PER_UNIT = 1.6 / CELL_W
-SUPTITLE_IN = 0.5
+TITLE_GAP = 2  # units between a title's baseline and its digit
+INCH_PER_UNIT = 1.6 / CELL_W  # a cell 1.6 in wide, as wide as its 8-point title
+MIN_WIDTH_IN = 4.0  # room for the figure's title above a grid of one digit, or of none
+SUPTITLE_IN = 0.5  # room above the grid for the figure's title
 
 
 def mosaic(images: np.ndarray, cols: int, rows: int) -> np.ma.MaskedArray:
-    """The digits laid out in cells of CELL_W x CELL_H; everything outside a digit is masked (drawn as paper)."""
+    """The digits laid out in cells of CELL_W x CELL_H, everything outside a digit masked.
+
+    imshow leaves masked pixels transparent, so the figure's white background shows there, like paper.
+    """
     shape = (rows * CELL_H, cols * CELL_W)
-    canvas = np.ma.masked_array(np.zeros(shape, dtype=np.uint8), mask=np.ones(shape, dtype=bool))
+    canvas = np.ma.masked_array(np.zeros(shape, dtype=images.dtype), mask=np.ones(shape, dtype=bool))
     left = (CELL_W - IMAGE_SIDE) // 2
     for i, image in enumerate(images):
         top, col = (i // cols) * CELL_H + TITLE_H, (i % cols) * CELL_W + left
@@ -47,21 +52,25 @@ def mosaic(images: np.ndarray, cols: int, rows: int) -> np.ma.MaskedArray:
 
 
 def image_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, title: str) -> Figure:
-    """A grid of images titled "label / prediction"; wrong predictions in red."""
+    """A grid of MNIST images (uint8) titled "label / prediction"; wrong predictions in red."""
+    if images.dtype != np.uint8:
+        raise PipelineError(f"expected MNIST's uint8 pixels, got {images.dtype}")
     cols = max(1, int(np.ceil(np.sqrt(len(images)))))
     rows = max(1, int(np.ceil(len(images) / cols)))
     width, height = cols * CELL_W * INCH_PER_UNIT, rows * CELL_H * INCH_PER_UNIT
-    fig = Figure(figsize=(width, height + SUPTITLE_IN))
+    fig = Figure(figsize=(max(width, MIN_WIDTH_IN), height + SUPTITLE_IN))
+    # The grid's axes keep its aspect (imshow's default) and are centred when the figure is wider than the grid.
     ax = fig.add_axes((0, 0, 1, height / (height + SUPTITLE_IN)))
     ax.axis("off")
     ax.imshow(mosaic(images, cols, rows), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     for i, (label, pred) in enumerate(zip(labels, predicted)):
         wrong = label != pred
-        ax.text((i % cols + 0.5) * CELL_W, (i // cols) * CELL_H + TITLE_H - 2,
+        # Pixel centres sit on whole numbers, so a cell spans [x - 0.5, x + CELL_W - 0.5).
+        ax.text((i % cols + 0.5) * CELL_W - 0.5, (i // cols) * CELL_H + TITLE_H - TITLE_GAP,
                 f"label {label} / pred {pred}" + (" ✗" if wrong else ""), fontsize=8,
                 ha="center", va="bottom", color="red" if wrong else "black")
     if len(images) == 0:
-        ax.text(CELL_W / 2, CELL_H / 2, "none", ha="center", va="center")
+        ax.text(CELL_W / 2 - 0.5, CELL_H / 2, "none", ha="center", va="center")
     fig.suptitle(title, y=1 - 0.1 / (height + SUPTITLE_IN), va="top")
     return fig
 

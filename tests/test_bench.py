@@ -8,8 +8,10 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 from benchmarks.bench import FAST_RECIPE, peer_ratios
-from benchmarks.pipeline_times import stage_seconds
+from benchmarks.pipeline_times import LOOP_DONE, plot_only_values, stage_seconds
 from mnist_pipeline.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,19 +21,36 @@ def test_readme_fast_recipe_is_the_one_the_benchmark_times() -> None:
     lines = [line for line in (REPO / "README.md").read_text().splitlines() if line.endswith("# the fast recipe")]
     assert len(lines) == 1, "the README gives the fast recipe as one `dvc exp run -S ...  # the fast recipe` line"
     assert lines[0].startswith("dvc exp run -S ")
-    overrides = dict(re.findall(r"-S train\.(\w+)=(\S+)", lines[0]))
-    assert overrides == {key: str(value) for key, value in FAST_RECIPE.items()}
+    overrides = dict(re.findall(r"-S (\S+)=(\S+)", lines[0]))
+    assert overrides == {f"train.{key}": str(value) for key, value in FAST_RECIPE.items()}
     # Every override names a real train param, and differs from the default (else it would not be an override).
     train = load_params(REPO / "params.yaml").train
     assert all(getattr(train, key) != value for key, value in FAST_RECIPE.items())
 
 
-def test_stage_seconds_splits_a_repro_at_its_running_stage_lines() -> None:
+def test_train_stage_prints_the_line_the_benchmark_reads_the_loop_time_from() -> None:
+    source = (REPO / "stages" / "train.py").read_text()
+    line = next(line for line in source.splitlines() if "End of the training loop!" in line)
+    printed = re.sub(r"\{[^}]*\}", "61.8", line.split('f"', 1)[1])  # the f-string with its fields filled in
+    assert LOOP_DONE.search(printed).group(1) == "61.8"
+
+
+def test_stage_seconds_splits_a_repro_at_its_stage_lines() -> None:
     lines = [(0.5, "Verifying data sources in stage: 'data/raw.dvc'"), (1.0, "Running stage 'download':"),
              (1.1, "> python -m stages.download data/raw"), (3.0, "Running stage 'train':"),
-             (63.0, "Running stage 'record':"), (70.0, "Updating lock file 'dvc.lock'")]
-    assert stage_seconds(71.0, lines) == {"dvc_start": 1.0, "download": 2.0, "train": 60.0, "record": 8.0}
-    assert stage_seconds(2.0, [(1.0, "Stage 'plot' didn't change, skipping")]) == {"dvc_start": 2.0}
+             (63.0, "Stage 'evaluate' didn't change, skipping"), (63.5, "Running stage 'record':"),
+             (70.0, "Updating lock file 'dvc.lock'")]
+    assert stage_seconds(71.0, lines) == {"dvc_start": 1.0, "ran": {"download": 2.0, "train": 60.0, "record": 7.5},
+                                          "skipped": {"evaluate": 0.5}}
+    assert stage_seconds(2.0, [(1.0, "Stage 'plot' didn't change, skipping")]) == {
+        "dvc_start": 1.0, "ran": {}, "skipped": {"plot": 1.0}}
+    with pytest.raises(ValueError, match="wording"):
+        stage_seconds(2.0, [(1.0, "Data and pipelines are up to date.")])
+
+
+def test_plot_only_values_are_new_results() -> None:
+    assert plot_only_values(25, 3) == [9, 10, 11]
+    assert plot_only_values(10, 3) == [9, 11, 12]
 
 
 def test_peer_ratios_are_a_lower_bound_when_the_peer_missed_99() -> None:
@@ -40,3 +59,6 @@ def test_peer_ratios_are_a_lower_bound_when_the_peer_missed_99() -> None:
     assert reached == {"peer_reached": True, "default": 3.0, "fast": 12.0}
     missed = peer_ratios({"test_reaches_target_s": None, "train_seconds": 400.0}, default, {"median_s": None})
     assert missed == {"peer_reached": False, "default": 10.0, "fast": None}
+    # A time of 0.0 is a time (reached at the first probe), not a miss; ours at 0.0 has no ratio.
+    instant = peer_ratios({"test_reaches_target_s": 0.0, "train_seconds": 5.0}, {"test_reaches_target_s": 0.0}, fast)
+    assert instant == {"peer_reached": True, "default": None, "fast": 0.0}
