@@ -253,6 +253,36 @@ def dvc(clone: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]
     return result
 
 
+@contextmanager
+def queue_workers(clone: Path, jobs: int, log: Path, **env: str) -> Iterator[None]:
+    """`dvc queue start -j jobs` in `clone`; on leaving, any worker still alive is stopped.
+
+    The start's output goes to `log`, not through a pipe: the workers inherit it, and reading it would wait
+    for them. DVC 3.67 may leave a worker behind: one that ran a task while its monitor shut it down for an
+    empty queue never exits and ignores `dvc queue stop` (its log ends with the task's success, not "done").
+    """
+    with log.open("w") as out:
+        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", str(jobs)], cwd=clone, check=True,
+                       env=project_env(**env), stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield
+    finally:
+        for pid_file in (clone / ".dvc" / "tmp" / "exps" / "celery").glob("dvc-exp-worker-*.pid"):
+            pid = int(pid_file.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline")
+            if cmdline.exists() and b"queue-worker" in cmdline.read_bytes():
+                os.kill(pid, 15)
+
+
+def wait_for_queue(clone: Path, timeout_s: float, **env: str) -> str:
+    """Poll `dvc queue status` until nothing is queued or running; its last output."""
+    deadline = time.monotonic() + timeout_s
+    while any(word in (status := dvc(clone, "queue", "status", **env).stdout) for word in ("Queued", "Running")):
+        assert time.monotonic() < deadline, status
+        time.sleep(3)
+    return status
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as sock:

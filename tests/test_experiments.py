@@ -12,14 +12,15 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 
-from tests.conftest import REPO, copy_project, copy_workdir, dvc, free_port, get_json, project_env, serving
+from tests.conftest import (
+    REPO, copy_project, copy_workdir, dvc, free_port, get_json, project_env, queue_workers, serving, wait_for_queue,
+)
 
 pytestmark = pytest.mark.slow
 # The real params with training shrunk to one epoch, reported every 100 iterations.
@@ -111,12 +112,8 @@ def test_plots_show_and_diff_draw_in_chromium(repo: Path, tmp_path: Path) -> Non
 def test_queued_grid_and_temp_runs_land_in_the_root_store(repo: Path) -> None:
     dvc(repo, "exp", "run", "-n", "lr-0001", "-S", "train.lr=0.001")  # the grid's 0.001 repeats it
     dvc(repo, "exp", "run", "--queue", "-S", "train.lr=0.0005,0.001,0.002")
-    dvc(repo, "queue", "start", "-j", "2")
-    deadline = time.monotonic() + 900
-    while any(word in dvc(repo, "queue", "status").stdout for word in ("Queued", "Running")):
-        assert time.monotonic() < deadline, dvc(repo, "queue", "status").stdout
-        time.sleep(5)
-    status = dvc(repo, "queue", "status").stdout
+    with queue_workers(repo, 2, repo.parent / "queue-start.log"):
+        status = wait_for_queue(repo, 900)
     assert status.count("Success") == 3, status
     dvc(repo, "exp", "run", "--temp", "-n", "temp-run", "-S", "train.lr=0.003")
 

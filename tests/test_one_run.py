@@ -8,14 +8,13 @@ import json
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import mlflow
 import pytest
 import yaml
 
-from tests.conftest import REPO, copy_project, copy_workdir, dvc, project_env
+from tests.conftest import REPO, copy_project, copy_workdir, dvc, project_env, queue_workers, wait_for_queue
 
 pytestmark = pytest.mark.slow
 BASELINE = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -117,11 +116,8 @@ def test_a_plot_only_experiment_is_its_own_run_and_leaves_the_trained_one_alone(
 def test_a_queued_run_restored_from_the_run_cache_has_its_run(repo: Path) -> None:
     # The baseline's own params: DVC restores train, evaluate and plot from the baseline's run-cache.
     dvc(repo, "exp", "run", "--queue", "-n", "again-baseline", "-S", f"train.lr={BASELINE['train']['lr']}")
-    dvc(repo, "queue", "start", "-j", "1")
-    deadline = time.monotonic() + 600
-    while any(word in (status := dvc(repo, "queue", "status").stdout) for word in ("Queued", "Running")):
-        assert time.monotonic() < deadline, status
-        time.sleep(2)
+    with queue_workers(repo, 1, repo.parent / "queue-start.log"):
+        status = wait_for_queue(repo, 600)
     assert "Success" in status, status
     (run,) = runs(repo, "again-baseline")
     (first,) = runs(repo, "workspace")

@@ -34,7 +34,7 @@ from mnist_pipeline.digits import to_tensor
 from mnist_pipeline.model import Net
 from mnist_pipeline.store import StoreError, check_store, resolve_store
 from mnist_pipeline.training import load_state_dict
-from tests.conftest import REPO, copy_project, copy_workdir, dvc, free_port, project_env
+from tests.conftest import REPO, copy_project, copy_workdir, dvc, free_port, project_env, queue_workers, wait_for_queue
 
 pytestmark = pytest.mark.slow
 BASELINE = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -385,23 +385,17 @@ def test_two_machines_share_one_remote_and_one_tracking_server(baseline: Path, s
     # DVC 3.67 may lose one of two queued experiments that finish at the same moment (its queue says Success,
     # `dvc exp show` lacks it): the grid's two trainings differ in length so they don't.
     dvc(a, "exp", "run", "--queue", "-S", "train.lr=0.005", "-S", "train.epochs=1,2")
-    # Not through a pipe: the queue's workers inherit it, and reading it would wait for the whole grid.
-    with (tmp_path / "queue-start.log").open("w") as log:
-        subprocess.run([sys.executable, "-m", "dvc", "queue", "start", "-j", "2"], cwd=a, check=True,
-                       env=project_env(**team.env("alice")), stdout=log, stderr=subprocess.STDOUT)
-    temp = subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", "bob-lr-0003",
-                             "-S", "train.lr=0.003"], cwd=b, env=project_env(**team.env("bob")),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        assert "Success" not in dvc(a, "queue", "status").stdout  # bob's run starts before the grid is done
-        out, _ = temp.communicate(timeout=900)
-    finally:
-        temp.kill()
-    assert temp.returncode == 0, out
-    deadline = time.monotonic() + 900
-    while any(word in dvc(a, "queue", "status").stdout for word in ("Queued", "Running")):
-        assert time.monotonic() < deadline, dvc(a, "queue", "status").stdout
-        time.sleep(3)
+    with queue_workers(a, 2, tmp_path / "queue-start.log", **team.env("alice")):
+        temp = subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", "bob-lr-0003",
+                                 "-S", "train.lr=0.003"], cwd=b, env=project_env(**team.env("bob")),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            assert "Success" not in dvc(a, "queue", "status").stdout  # bob's run starts before the grid is done
+            out, _ = temp.communicate(timeout=900)
+        finally:
+            temp.kill()
+        assert temp.returncode == 0, out
+        wait_for_queue(a, 900)
     assert dvc(a, "queue", "status").stdout.count("Success") == 2, dvc(a, "queue", "status").stdout
     grid = sorted(exp_table(a))
     assert len(grid) == 2
