@@ -606,12 +606,12 @@ def fast_rows(fast: dict) -> list[tuple[str, str]]:
 def peer_rows(peer: dict, ratios: dict) -> list[tuple[str, str]]:
     name = f"peer, PyTorch's example: test accuracy first >= 99.0% (probed every {peer['probe_every']} it)"
     if peer["test_reaches_target_s"] is None:
-        return [(name, f"not within {peer['budget_s']:.0f} s (last probe {100 * peer['last_test_acc']:.2f}%)"),
-                *((f"  ratio, peer's time to 99.0% / {recipe} recipe's", "n/a" if ratios[recipe] is None
-                   else f"at least {ratios[recipe]}x") for recipe in ("default", "fast"))]
-    return [(name, f"{peer['test_reaches_target_s']} s (the probe before: {peer['last_probe_below_target_s']} s)"),
-            *((f"  ratio, peer's time to 99.0% / {recipe} recipe's", "n/a" if ratios[recipe] is None
-               else f"{ratios[recipe]}x") for recipe in ("default", "fast"))]
+        first, bound = f"not within {peer['budget_s']:.0f} s (last probe {100 * peer['last_test_acc']:.2f}%)", "at least "
+    else:
+        first, bound = f"{peer['test_reaches_target_s']} s (the probe before: {peer['last_probe_below_target_s']} s)", ""
+    return [(name, first), *((f"  ratio, peer's time to 99.0% / {recipe} recipe's",
+                              "n/a" if ratios[recipe] is None else f"{bound}{ratios[recipe]}x")
+                             for recipe in ("default", "fast"))]
 
 
 def pipeline_rows(pipeline: dict) -> list[tuple[str, str]]:
