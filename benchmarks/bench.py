@@ -306,9 +306,7 @@ def serving_rates(images: np.ndarray, model_path: Path, threads: int, requests: 
         args[args.index("--marker") + 1] = f"{root}/recorded"
         subprocess.run([sys.executable, "-m", "stages.record", *args], check=True, capture_output=True,
                        env={**env, "DVC_ROOT": root})
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
         # `timeout` stops the server even if this process is killed first.
         server = subprocess.Popen(
             ["timeout", "1800", sys.executable, "-m", "mlflow", "models", "serve", "-m", "models:/mnist-cnn@champion",
@@ -424,8 +422,6 @@ def record_once(env: dict[str, str], root: str) -> float:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]

@@ -9,6 +9,7 @@ import importlib
 import json
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import struct
@@ -271,7 +272,7 @@ def queue_workers(clone: Path, jobs: int, log: Path, **env: str) -> Iterator[Non
             pid = int(pid_file.read_text())
             cmdline = Path(f"/proc/{pid}/cmdline")
             if cmdline.exists() and b"queue-worker" in cmdline.read_bytes():
-                os.kill(pid, 15)
+                os.kill(pid, signal.SIGTERM)
 
 
 def wait_for_queue(clone: Path, timeout_s: float, **env: str) -> str:

@@ -395,8 +395,8 @@ def test_two_machines_share_one_remote_and_one_tracking_server(baseline: Path, s
         finally:
             temp.kill()
         assert temp.returncode == 0, out
-        wait_for_queue(a, 900)
-    assert dvc(a, "queue", "status").stdout.count("Success") == 2, dvc(a, "queue", "status").stdout
+        queue = wait_for_queue(a, 900)
+    assert queue.count("Success") == 2, queue
     grid = sorted(exp_table(a))
     assert len(grid) == 2
     dvc(a, "exp", "push", "origin", *grid, HOME=home)
