@@ -68,7 +68,7 @@ class TrainParams:
     processes: int
     batch_size: int
     epochs: int
-    optimizer: Literal["adam", "sgd"]
+    optimizer: Literal["adam", "adamw", "sgd"]
     lr: float
     momentum: float
     weight_decay: float

@@ -45,7 +45,7 @@ def test_flatten_uses_dvc_names() -> None:
         (lambda p: p["train"].update(batch_size=0), "train.batch_size", "must be in [1, 60000]"),
         (lambda p: p["train"].update(epochs=2.5), "train.epochs", "must be an integer"),
         (lambda p: p["train"].update(epochs=True), "train.epochs", "must be an integer"),
-        (lambda p: p["train"].update(optimizer="adamw"), "train.optimizer", "must be one of 'adam', 'sgd'"),
+        (lambda p: p["train"].update(optimizer="adagrad"), "train.optimizer", "must be one of 'adam', 'adamw', 'sgd'"),
         (lambda p: p["split"].update(val_fraction=1.5), "split.val_fraction", "must be in (0, 1)"),
         (lambda p: p["split"].update(val_fraction=float("nan")), "split.val_fraction", "must be in (0, 1)"),
         (lambda p: p["train"].update(lrr=0.1), "train.lrr", "unknown key; did you mean 'lr'?"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import yaml
 from mnist_pipeline.digits import to_tensor
 from mnist_pipeline.model import Net
 from mnist_pipeline.params import load_params
-from mnist_pipeline.training import make_deterministic, predict, train
+from mnist_pipeline.training import make_deterministic, make_optimizer, predict, train
 from stages.split import split_indices
 from tests.conftest import shrunk_params, tiny_arrays
 
@@ -53,3 +54,21 @@ def test_deterministic_mode_fixes_the_cublas_workspace_first(monkeypatch: pytest
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the other documented value: a user's choice is kept
     make_deterministic(0, torch.get_num_threads())
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw"])
+def test_weight_decay_is_l2_for_adam_and_decoupled_for_adamw(name: str) -> None:
+    # With a zero loss gradient, AdamW only shrinks each weight by lr * weight_decay; Adam's L2 term becomes a
+    # gradient that Adam normalizes into a step of about lr against the weight's sign.
+    params = dataclasses.replace(load_params().train, optimizer=name, lr=0.01, weight_decay=0.1)
+    model = Net()
+    before = [p.detach().clone() for p in model.parameters()]
+    optimizer = make_optimizer(model, params)
+    (sum(p.sum() for p in model.parameters()) * 0.0).backward()
+    optimizer.step()
+    for old, new in zip(before, model.parameters()):
+        if name == "adamw":
+            torch.testing.assert_close(new.detach(), old * (1 - 0.01 * 0.1))
+        else:
+            l2 = 0.1 * old  # Adam's first step is lr * g / (|g| + eps), about lr * sign(g)
+            torch.testing.assert_close(new.detach(), old - 0.01 * l2 / (l2.abs() + 1e-8))
