@@ -84,3 +84,16 @@ def test_missing_and_malformed_files(tmp_path: Path) -> None:
     broken.write_text("train: [unclosed\n")
     with pytest.raises(ParamsError, match="is not valid YAML"):
         load_params(broken)
+
+
+def test_readme_seed_recipe_sets_every_way_the_default_differs_from_the_notebook(tmp_path: Path) -> None:
+    # The notebook trains with Adam at 0.001, batch 16, 3 epochs, no schedule, no augmentation, no weight decay;
+    # a new default (say, another optimizer) must show up in the README's line too, or the line stops being the seed.
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("The reference notebook's recipe is one params change away:", 1)[1].split("```")[1]
+    overrides = dict(re.findall(r"-S train\.(\w+)=(\S+)", block))
+    raw = real()
+    raw["train"].update(yaml.safe_load(f"{{{', '.join(f'{k}: {v}' for k, v in overrides.items())}}}"))
+    train = load_params(write(tmp_path, raw)).train
+    assert (train.batch_size, train.epochs, train.lr, train.optimizer) == (16, 3, 0.001, "adam")
+    assert (train.weight_decay, train.schedule, train.shift) == (0.0, "constant", 0)

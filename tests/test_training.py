@@ -16,7 +16,7 @@ from mnist_pipeline.model import Net
 from mnist_pipeline.params import load_params
 from mnist_pipeline.training import make_deterministic, make_optimizer, predict, train
 from stages.split import split_indices
-from tests.conftest import shrunk_params, tiny_arrays
+from tests.conftest import REPO, shrunk_params, tiny_arrays
 
 
 def tensors(arrays: dict[str, np.ndarray], split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -58,9 +58,9 @@ def test_deterministic_mode_fixes_the_cublas_workspace_first(monkeypatch: pytest
 
 @pytest.mark.parametrize("name", ["adam", "adamw"])
 def test_weight_decay_is_l2_for_adam_and_decoupled_for_adamw(name: str) -> None:
-    # With a zero loss gradient, AdamW only shrinks each weight by lr * weight_decay; Adam's L2 term becomes a
-    # gradient that Adam normalizes into a step of about lr against the weight's sign.
-    params = dataclasses.replace(load_params().train, optimizer=name, lr=0.01, weight_decay=0.1)
+    # With a zero loss gradient, AdamW only multiplies each weight by 1 - lr * weight_decay; Adam's L2 term becomes
+    # a gradient that Adam normalizes into a step of about lr against the weight's sign.
+    params = dataclasses.replace(load_params(REPO / "params.yaml").train, optimizer=name, lr=0.01, weight_decay=0.1)
     model = Net()
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = make_optimizer(model, params)
