@@ -93,7 +93,7 @@ def test_readme_seed_recipe_sets_every_way_the_default_differs_from_the_notebook
     block = readme.split("The reference notebook's recipe is one params change away:", 1)[1].split("```")[1]
     overrides = dict(re.findall(r"-S train\.(\w+)=(\S+)", block))
     raw = real()
-    raw["train"].update(yaml.safe_load(f"{{{', '.join(f'{k}: {v}' for k, v in overrides.items())}}}"))
+    raw["train"].update({key: yaml.safe_load(value) for key, value in overrides.items()})  # as `dvc exp run -S` parses
     train = load_params(write(tmp_path, raw)).train
     assert (train.batch_size, train.epochs, train.lr, train.optimizer) == (16, 3, 0.001, "adam")
     assert (train.weight_decay, train.schedule, train.shift) == (0.0, "constant", 0)
