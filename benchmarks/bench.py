@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Subset
 
 from benchmarks.pipeline_times import pipeline_times
 from mnist_pipeline.data import load_mnist
-from mnist_pipeline.digits import to_tensor
+from mnist_pipeline.digits import deskew, to_tensor
 from mnist_pipeline.files import atomic_write_json
 from mnist_pipeline.model import Net
 from mnist_pipeline.params import Params, load_params
@@ -46,10 +46,11 @@ from mnist_pipeline.training import load_state_dict, make_deterministic, predict
 
 STAGES = ("download", "split", "train", "evaluate", "plot", "record")
 # The README's fast recipe (section Parameters): the overrides of its `dvc exp run -S` line, which a test checks
-# against this. Chosen by time to 99.0% test accuracy among about 20 recipes tried on 2 cores (2-5 epochs, batch
-# 64-512, peak lr 0.005-0.03, Adam or SGD, shifts of 0 or 1 pixel). It names Adam without weight decay: the default
-# AdamW's decay ends these 3 epochs at 98.97%.
-FAST_RECIPE = {"epochs": 3, "batch_size": 128, "lr": 0.01, "optimizer": "adam", "weight_decay": 0.0}
+# against this. Chosen by time to 99.0% test accuracy among about 25 recipes tried on 2 cores (2-5 epochs, batch
+# 64-512, peak lr 0.005-0.03, Adam or SGD, shifts of 0 or 1 pixel, deskewing or not). It names Adam without weight
+# decay: the default AdamW's decay ends these 3 epochs at 98.97%. Deskewed digits are easier to learn quickly:
+# without it these 3 epochs end at 99.04% with seed 42 and below 99.0% with seeds 1 and 2; with it, at 99.08-99.17%.
+FAST_RECIPE = {"epochs": 3, "batch_size": 128, "lr": 0.01, "optimizer": "adam", "weight_decay": 0.0, "deskew": True}
 FAST_BAR_S = 10.0  # the bar the fast recipe is held to: 99.0% within 10 s of training on 2 cores
 
 
@@ -231,19 +232,34 @@ def peer_time_to_accuracy(data: dict[str, tuple[torch.Tensor, torch.Tensor]], se
             "last_test_acc": acc, "budget_s": budget_s}
 
 
-def fast_recipe_runs(data: dict[str, tuple[torch.Tensor, torch.Tensor]], params: Params, runs: int,
-                     probe_every: int) -> dict:
+def split_tensors(images: np.ndarray, labels: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray,
+                  train_idx: torch.Tensor, val_idx: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The train, validation and test sets as the network reads them, as stages/train.py and evaluate.py make them."""
+    x, y = to_tensor(images), torch.from_numpy(labels.astype(np.int64))
+    return {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]),
+            "test": (to_tensor(test_images), torch.from_numpy(test_labels.astype(np.int64)))}
+
+
+def fast_recipe_runs(arrays: tuple, params: Params, runs: int, probe_every: int) -> dict:
     """The fast recipe's time to 99.0% test accuracy over `runs` runs: their spread, and how many were within the bar.
 
     The runs train the same bits (same seed, same threads), so only the clock differs between them: the
-    spread is this machine's, not the recipe's luck.
+    spread is this machine's, not the recipe's luck. Deskewing the images, as the train and evaluate stages
+    do before their work starts, is timed apart from training.
     """
     recipe = dataclasses.replace(params, train=dataclasses.replace(params.train, **FAST_RECIPE))
+    images, labels, test_images, test_labels, train_idx, val_idx = arrays
+    start = time.perf_counter()
+    if recipe.train.deskew:
+        images, test_images = deskew(images), deskew(test_images)
+    deskew_s = time.perf_counter() - start
+    data = split_tensors(images, labels, test_images, test_labels, train_idx, val_idx)
     results = [time_to_accuracy(data, recipe, 0.99, probe_every) for _ in range(runs)]
     times = [r["test_reaches_target_s"] for r in results]
     reached = sorted(t for t in times if t is not None)
     every = len(reached) == runs  # a median or range over only the runs that got there would flatter the recipe
     return {"overrides": FAST_RECIPE, "runs": runs, "probe_every": probe_every, "test_reaches_target_s": times,
+            "deskew_70k_images_s": round(deskew_s, 2) if recipe.train.deskew else None,
             "runs_reaching_target": len(reached),
             "median_s": float(np.median(reached)) if every else None,
             "range_s": [reached[0], reached[-1]] if every else None,
@@ -500,11 +516,8 @@ def main() -> None:
     raw = Path("data/raw")
     images, labels = load_mnist(raw, "train")
     test_images, test_labels = load_mnist(raw, "t10k")
-    x, y = to_tensor(images), torch.from_numpy(labels.astype(np.int64))
-    train_idx = torch.from_numpy(np.load("data/split/train.npy"))
-    val_idx = torch.from_numpy(np.load("data/split/val.npy"))
-    data = {"train": (x[train_idx], y[train_idx]), "val": (x[val_idx], y[val_idx]),
-            "test": (to_tensor(test_images), torch.from_numpy(test_labels.astype(np.int64)))}
+    split = (torch.from_numpy(np.load("data/split/train.npy")), torch.from_numpy(np.load("data/split/val.npy")))
+    data = split_tensors(images, labels, test_images, test_labels, *split)
 
     if args.ddp_worker:
         ddp_worker(*data["train"], params, args.samples)
@@ -516,7 +529,8 @@ def main() -> None:
                        "project_per_s": round(ours_rate), "ratio": round(ours_rate / seed_rate, 2)},
         "ddp": ddp_scaling(*data["train"], params, args.samples, args.repeats),
         "default_recipe": time_to_accuracy(data, params, 0.99, args.probe_every),
-        "fast_recipe": fast_recipe_runs(data, params, args.fast_runs, args.fast_probe_every),
+        "fast_recipe": fast_recipe_runs((images, labels, test_images, test_labels, *split), params, args.fast_runs,
+                                        args.fast_probe_every),
         # Probed every 100 of its batches of 64 (6,400 samples; ours: 25,600 for the default, 2,560 for the fast).
         "peer_recipe": peer_time_to_accuracy(data, params.seed, params.train.num_threads, 0.99, 100,
                                              args.peer_budget_s),
@@ -588,9 +602,13 @@ def print_table(report: dict) -> None:
 
 def fast_rows(fast: dict) -> list[tuple[str, str]]:
     times = ", ".join("-" if t is None else f"{t}" for t in fast["test_reaches_target_s"])
-    overrides = " ".join(f"-S train.{k}={v}" for k, v in fast["overrides"].items())
+    overrides = " ".join(f"-S train.{k}={str(v).lower() if isinstance(v, bool) else v}"
+                         for k, v in fast["overrides"].items())
+    deskewing = [] if fast.get("deskew_70k_images_s") is None else [
+        ("  deskewing the 70,000 images first (not in the times below)", f"{fast['deskew_70k_images_s']} s")]
     return [
         ("fast recipe (see Parameters)", overrides),
+        *deskewing,
         (f"  test accuracy first >= 99.0% (probed every {fast['probe_every']} it)", f"after {times} s"),
         (f"  median, range; runs within {fast['bar_s']:.0f} s",
          f"{fast['median_s']} s, {fast['range_s']}; {fast['runs_within_bar']} of {fast['runs']}"

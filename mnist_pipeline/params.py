@@ -74,6 +74,7 @@ class TrainParams:
     weight_decay: float
     schedule: Literal["constant", "onecycle"]
     shift: int
+    deskew: bool
     log_every: int
 
     def check(self) -> None:
@@ -221,5 +222,7 @@ def _convert(value: Any, kind: Any, path: str | Path, key: str) -> Any:
         return float(value)
     if kind is str and isinstance(value, str):
         return value
-    kind_name = {int: "an integer", float: "a number", str: "a string"}[kind]
+    if kind is bool and isinstance(value, bool):
+        return value
+    kind_name = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
     raise ParamsError(path, key, f"must be {kind_name}, got {value!r} ({type(value).__name__})")

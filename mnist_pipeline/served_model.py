@@ -16,10 +16,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.pyfunc import PythonModel
 
-from mnist_pipeline.digits import DigitError, read_batch, to_tensor
+from mnist_pipeline.digits import DigitError, deskew, read_batch, to_tensor
 from mnist_pipeline.model import Net
 
 WEIGHTS = "weights"  # the artifact's name
+DESKEW = "deskew"  # the model_config key: whether the network was trained on deskewed digits (train.deskew)
 CHUNK = 1000  # images per forward pass, as evaluate's batch_size: memory stays flat for any batch
 
 
@@ -44,13 +45,14 @@ class BadRequest(MlflowException):
 
 
 class DigitClassifier(PythonModel):
-    """The seed's network behind MNIST's preprocessing and normalization; a softmax on top."""
+    """The seed's network behind MNIST's preprocessing, deskewing where it trained so, and normalization; a softmax."""
 
     def load_context(self, context: mlflow.pyfunc.PythonModelContext) -> None:
         self.net = Net()
         # Tensors only: weights_only=True refuses any pickled object that would run code.
         self.net.load_state_dict(torch.load(context.artifacts[WEIGHTS], map_location="cpu", weights_only=True))
         self.net.eval()
+        self.deskew = bool((context.model_config or {}).get(DESKEW, False))
 
     # np.ndarray, what MLflow passes for the object tensor of record's signature; a hint MLflow infers no
     # signature from (list[...] would be taken as the signature, and a missing hint makes MLflow warn).
@@ -61,6 +63,8 @@ class DigitClassifier(PythonModel):
             pixels = read_batch(model_input)
         except DigitError as err:
             raise BadRequest(str(err)) from None
+        if self.deskew:
+            pixels = deskew(pixels)
         with torch.inference_mode():
             logits = torch.cat([self.net(to_tensor(pixels[i : i + CHUNK])) for i in range(0, len(pixels), CHUNK)])
         probabilities = torch.softmax(logits.double(), 1).numpy()

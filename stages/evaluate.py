@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mnist_pipeline.data import NUM_CLASSES, load_mnist
-from mnist_pipeline.digits import to_tensor
+from mnist_pipeline.digits import deskew, to_tensor
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.files import atomic_write_json, atomic_write_text
 from mnist_pipeline.losses import manual_cross_entropy, multiclass_svm_loss
@@ -59,7 +59,7 @@ def main() -> None:
     images, labels = load_mnist(args.raw, "t10k")
     model = Net()
     load_state_dict(args.model, model)
-    logits = predict(model, to_tensor(images), params.evaluate.batch_size)
+    logits = predict(model, to_tensor(deskew(images) if params.train.deskew else images), params.evaluate.batch_size)
     metrics = test_metrics(logits, torch.from_numpy(labels.astype(np.int64)))
     atomic_write_json(args.metrics, {"test": metrics})
     atomic_write_text(args.predictions, predictions_csv(labels, logits.argmax(1).numpy()))

@@ -71,7 +71,7 @@ def log_model(model_path: Path, raw: Path, params: Params, tags: dict[str, str])
 
     from mnist_pipeline.data import load_mnist
     from mnist_pipeline.model import Net
-    from mnist_pipeline.served_model import WEIGHTS
+    from mnist_pipeline.served_model import DESKEW, WEIGHTS
     from mnist_pipeline.training import load_state_dict
 
     load_state_dict(model_path, Net())  # refuse a file that is not this network's weights, in one line
@@ -92,7 +92,7 @@ def log_model(model_path: Path, raw: Path, params: Params, tags: dict[str, str])
         info = tracking.retry_busy(
             mlflow.pyfunc.log_model, name="model", python_model=str(code / "served_model.py"),
             artifacts={WEIGHTS: str(model_path)}, code_paths=[str(code)], signature=signature,
-            input_example=example, pip_requirements=requirements,
+            input_example=example, pip_requirements=requirements, model_config={DESKEW: params.train.deskew},
             registered_model_name=params.mlflow.registered_model,
         )
     version = str(info.registered_model_version)

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from mnist_pipeline import distributed, training
 from mnist_pipeline.data import load_mnist
-from mnist_pipeline.digits import to_tensor
+from mnist_pipeline.digits import deskew, to_tensor
 from mnist_pipeline.errors import PipelineError, run_stage
 from mnist_pipeline.files import atomic_write_bytes, atomic_write_json, atomic_write_text
 from mnist_pipeline.model import Net
@@ -106,7 +106,7 @@ def main() -> None:
     if rank is not None:
         code = [Path(m.__file__) for m in (sys.modules[__name__], training, distributed)]
         distributed.check_same_inputs(params, [images, labels, train_idx.numpy(), val_idx.numpy()], code)
-    x, y = to_tensor(images), torch.from_numpy(labels.astype(np.int64))
+    x, y = to_tensor(deskew(images) if p.deskew else images), torch.from_numpy(labels.astype(np.int64))
     model = Net().to(device)
     writes = rank is None or rank.writes  # the other processes keep quiet and write nothing
 

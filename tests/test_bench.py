@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from benchmarks.bench import FAST_RECIPE, peer_ratios
 from benchmarks.pipeline_times import LOOP_DONE, plot_only_values, stage_seconds
@@ -21,8 +22,8 @@ def test_readme_fast_recipe_is_the_one_the_benchmark_times() -> None:
     lines = [line for line in (REPO / "README.md").read_text().splitlines() if line.endswith("# the fast recipe")]
     assert len(lines) == 1, "the README gives the fast recipe as one `dvc exp run -S ...  # the fast recipe` line"
     assert lines[0].startswith("dvc exp run -S ")
-    overrides = dict(re.findall(r"-S (\S+)=(\S+)", lines[0]))
-    assert overrides == {f"train.{key}": str(value) for key, value in FAST_RECIPE.items()}
+    overrides = {key: yaml.safe_load(value) for key, value in re.findall(r"-S (\S+)=(\S+)", lines[0])}  # as -S parses
+    assert overrides == {f"train.{key}": value for key, value in FAST_RECIPE.items()}
     # Every override names a real train param, and differs from the default (else it would not be an override).
     train = load_params(REPO / "params.yaml").train
     assert all(getattr(train, key) != value for key, value in FAST_RECIPE.items())

@@ -13,7 +13,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 
 from mnist_pipeline import digits
-from mnist_pipeline.digits import DigitError, check_pixels, decode_image, read_batch, to_tensor
+from mnist_pipeline.digits import DigitError, check_pixels, decode_image, deskew, read_batch, to_tensor
 from tests.conftest import REPO
 
 EXAMPLES = REPO / "examples" / "digits"
@@ -36,6 +36,40 @@ def test_to_tensor_normalizes_as_torchvision_does() -> None:
     images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
     expected = torch.stack([TF.normalize(TF.to_tensor(i), [digits.PIXEL_MEAN], [digits.PIXEL_STD]) for i in images])
     assert torch.allclose(to_tensor(images), expected, atol=1e-6)
+
+
+def centre_of_mass(image: np.ndarray) -> tuple[float, float]:
+    rows, cols = np.indices(image.shape)
+    return float((rows * image).sum() / image.sum()), float((cols * image).sum() / image.sum())
+
+
+def test_deskew_shears_a_slanted_stroke_upright_and_centres_it() -> None:
+    stroke = np.zeros((1, 28, 28), np.uint8)
+    for row in range(4, 24):  # leaning right as it rises: one column per two rows, off centre
+        stroke[0, row, 9 + (24 - row) // 2 : 11 + (24 - row) // 2] = 255
+    upright = deskew(stroke)[0]
+    ink_cols = [np.flatnonzero(upright[row] > 127) for row in range(6, 22)]
+    assert all(len(cols) > 0 for cols in ink_cols)
+    assert max(cols.mean() for cols in ink_cols) - min(cols.mean() for cols in ink_cols) <= 1.0  # was 8 columns
+    assert centre_of_mass(upright) == pytest.approx((14.0, 14.0), abs=0.3)
+
+
+def test_deskew_keeps_an_upright_centred_digit_and_blank_images() -> None:
+    bar = np.zeros((2, 28, 28), np.uint8)
+    bar[0, 6:23, 13:16] = 200  # upright, its centre of mass at (14, 14)
+    out = deskew(bar)
+    assert out.dtype == np.uint8 and out.shape == bar.shape
+    assert np.array_equal(out[0], bar[0])
+    assert not out[1].any()  # nothing to straighten, and no NaN turned into pixels
+
+
+def test_deskew_is_the_same_image_by_image_as_in_a_batch() -> None:
+    sevens = np.stack([SEVEN, np.roll(SEVEN, 3, axis=1), SEVEN[:, ::-1]] * 4)
+    one_by_one = np.concatenate([deskew(image[None]) for image in sevens])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(digits, "DESKEW_CHUNK", 5)  # batches split across chunks
+        assert np.array_equal(deskew(sevens), one_by_one)
+    assert similarity(deskew(SEVEN[None])[0], SEVEN) > 0.8  # a real digit stays itself
 
 
 def test_whole_numbers_0_255_of_any_numeric_type_are_pixels() -> None:

@@ -46,6 +46,8 @@ def test_flatten_uses_dvc_names() -> None:
         (lambda p: p["train"].update(epochs=2.5), "train.epochs", "must be an integer"),
         (lambda p: p["train"].update(epochs=True), "train.epochs", "must be an integer"),
         (lambda p: p["train"].update(optimizer="adagrad"), "train.optimizer", "must be one of 'adam', 'adamw', 'sgd'"),
+        (lambda p: p["train"].update(deskew="yes"), "train.deskew", "must be true or false, got 'yes'"),
+        (lambda p: p["train"].update(deskew=1), "train.deskew", "must be true or false, got 1"),
         (lambda p: p["split"].update(val_fraction=1.5), "split.val_fraction", "must be in (0, 1)"),
         (lambda p: p["split"].update(val_fraction=float("nan")), "split.val_fraction", "must be in (0, 1)"),
         (lambda p: p["train"].update(lrr=0.1), "train.lrr", "unknown key; did you mean 'lr'?"),
@@ -96,4 +98,4 @@ def test_readme_seed_recipe_sets_every_way_the_default_differs_from_the_notebook
     raw["train"].update({key: yaml.safe_load(value) for key, value in overrides.items()})  # as `dvc exp run -S` parses
     train = load_params(write(tmp_path, raw)).train
     assert (train.batch_size, train.epochs, train.lr, train.optimizer) == (16, 3, 0.001, "adam")
-    assert (train.weight_decay, train.schedule, train.shift) == (0.0, "constant", 0)
+    assert (train.weight_decay, train.schedule, train.shift, train.deskew) == (0.0, "constant", 0, False)

@@ -137,3 +137,26 @@ def test_champion_is_the_best_validation_accuracy_whatever_the_order(workdir: Pa
     # Test accuracy plays no part: the tags hold train.json's validation accuracy, not metrics.json's test one.
     versions = mlflow.MlflowClient().search_model_versions("name = 'mnist-cnn'")
     assert sorted(float(v.tags["train.best_val_acc"]) for v in versions) == [crippled, learned]
+
+
+def test_a_model_trained_on_deskewed_digits_is_served_deskewing_them(workdir: Path, tiny_mnist, monkeypatch) -> None:
+    import numpy as np
+    import torch
+
+    from mnist_pipeline.data import load_mnist
+    from mnist_pipeline.digits import deskew, to_tensor
+    from mnist_pipeline.model import Net
+    from mnist_pipeline.training import load_state_dict
+
+    train_and_record(tiny_mnist, monkeypatch, deskew=True)
+    images, _ = load_mnist("data/raw", "t10k")
+    served = mlflow.pyfunc.load_model("models:/mnist-cnn/1").predict(images.astype(object))
+    net = Net()
+    load_state_dict("models/model.pt", net)
+    with torch.inference_mode():
+        as_trained, raw = (torch.softmax(net(to_tensor(x)).double(), 1).numpy() for x in (deskew(images), images))
+    assert np.allclose(np.stack(served["probabilities"]), as_trained, atol=1e-6)
+    assert not np.allclose(as_trained, raw, atol=1e-3), "deskewing must change what the network sees"
+    # evaluate scored the test set as the served model does.
+    predicted = np.loadtxt("reports/predictions.csv", delimiter=",", skiprows=1, usecols=2, dtype=int)
+    assert np.array_equal(served["digit"].to_numpy(), predicted)
