@@ -1,4 +1,4 @@
-"""Digits as the network reads them: MNIST-style pixels checked, image files converted as MNIST was made, normalized."""
+"""Digits as the network reads them: pixels checked, image files converted as MNIST was made, deskewed, normalized."""
 
 from __future__ import annotations
 

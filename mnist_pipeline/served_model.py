@@ -52,7 +52,9 @@ class DigitClassifier(PythonModel):
         # Tensors only: weights_only=True refuses any pickled object that would run code.
         self.net.load_state_dict(torch.load(context.artifacts[WEIGHTS], map_location="cpu", weights_only=True))
         self.net.eval()
-        self.deskew = bool((context.model_config or {}).get(DESKEW, False))
+        self.deskew = (context.model_config or {}).get(DESKEW, False)
+        if not isinstance(self.deskew, bool):
+            raise MlflowException(f"model_config {DESKEW}: expected true or false, got {self.deskew!r}")
 
     # np.ndarray, what MLflow passes for the object tensor of record's signature; a hint MLflow infers no
     # signature from (list[...] would be taken as the signature, and a missing hint makes MLflow warn).

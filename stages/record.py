@@ -44,9 +44,16 @@ def curve_metrics(train_log: Path) -> list[Metric]:
         raise PipelineError(f"{train_log}: expected a CSV with an iteration column ({why})") from None
 
 
-def served_code_sha256() -> str:
-    """SHA-256 of the package's files the served model runs: with the weights, what a registered version is."""
-    digest = hashlib.sha256()
+def served_config(params: Params) -> dict[str, object]:
+    """The served model's model_config: how it prepares digits as its network was trained on them."""
+    from mnist_pipeline.served_model import DESKEW
+
+    return {DESKEW: params.train.deskew}
+
+
+def served_code_sha256(config: dict[str, object]) -> str:
+    """SHA-256 of the files the served model runs and its model_config: with the weights, what a version is."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
     for name in SERVED_CODE:
         digest.update(f"{name}\0".encode() + (PACKAGE / name).read_bytes() + b"\0")
     return digest.hexdigest()
@@ -71,7 +78,7 @@ def log_model(model_path: Path, raw: Path, params: Params, tags: dict[str, str])
 
     from mnist_pipeline.data import load_mnist
     from mnist_pipeline.model import Net
-    from mnist_pipeline.served_model import DESKEW, WEIGHTS
+    from mnist_pipeline.served_model import WEIGHTS
     from mnist_pipeline.training import load_state_dict
 
     load_state_dict(model_path, Net())  # refuse a file that is not this network's weights, in one line
@@ -92,7 +99,7 @@ def log_model(model_path: Path, raw: Path, params: Params, tags: dict[str, str])
         info = tracking.retry_busy(
             mlflow.pyfunc.log_model, name="model", python_model=str(code / "served_model.py"),
             artifacts={WEIGHTS: str(model_path)}, code_paths=[str(code)], signature=signature,
-            input_example=example, pip_requirements=requirements, model_config={DESKEW: params.train.deskew},
+            input_example=example, pip_requirements=requirements, model_config=served_config(params),
             registered_model_name=params.mlflow.registered_model,
         )
     version = str(info.registered_model_version)
@@ -141,7 +148,7 @@ def main() -> None:
     outputs = [args.train_log, args.summary, args.metrics, args.predictions, args.figures]
     tags = {
         **tracking.run_tags([args.raw, args.model, *outputs, args.marker]),
-        tracking.MODEL_TAG: model_sha256, tracking.CODE_TAG: served_code_sha256(),
+        tracking.MODEL_TAG: model_sha256, tracking.CODE_TAG: served_code_sha256(served_config(params)),
         # Where it trained: results differ in their last bits between devices and world sizes.
         "train.device": summary["device"], "train.world_size": str(summary["world_size"]),
         "train.backend": str(summary.get("backend", "none")),

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mnist_pipeline import distributed, training
+from mnist_pipeline import digits, distributed, training
 from mnist_pipeline.data import load_mnist
 from mnist_pipeline.digits import deskew, to_tensor
 from mnist_pipeline.errors import PipelineError, run_stage
@@ -101,12 +101,13 @@ def main() -> None:
             return
     make_deterministic(params.seed, p.num_threads)
     images, labels = load_mnist(args.raw, "train")
+    images = deskew(images) if p.deskew else images  # what every process trains on, compared below
     train_idx = load_indices(args.split, "train", len(labels))
     val_idx = load_indices(args.split, "val", len(labels))
     if rank is not None:
-        code = [Path(m.__file__) for m in (sys.modules[__name__], training, distributed)]
+        code = [Path(m.__file__) for m in (sys.modules[__name__], training, distributed, digits)]
         distributed.check_same_inputs(params, [images, labels, train_idx.numpy(), val_idx.numpy()], code)
-    x, y = to_tensor(deskew(images) if p.deskew else images), torch.from_numpy(labels.astype(np.int64))
+    x, y = to_tensor(images), torch.from_numpy(labels.astype(np.int64))
     model = Net().to(device)
     writes = rank is None or rank.writes  # the other processes keep quiet and write nothing
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import shutil
 import subprocess
@@ -142,21 +143,40 @@ def test_champion_is_the_best_validation_accuracy_whatever_the_order(workdir: Pa
 def test_a_model_trained_on_deskewed_digits_is_served_deskewing_them(workdir: Path, tiny_mnist, monkeypatch) -> None:
     import numpy as np
     import torch
+    import torch.nn.functional as F
 
     from mnist_pipeline.data import load_mnist
     from mnist_pipeline.digits import deskew, to_tensor
     from mnist_pipeline.model import Net
     from mnist_pipeline.training import load_state_dict
 
-    train_and_record(tiny_mnist, monkeypatch, deskew=True)
-    images, _ = load_mnist("data/raw", "t10k")
-    served = mlflow.pyfunc.load_model("models:/mnist-cnn/1").predict(images.astype(object))
+    train_and_record(tiny_mnist, monkeypatch)
+    plain_model = hashlib.sha256(Path("models/model.pt").read_bytes()).hexdigest()
+    val_acc = train_and_record(tiny_mnist, monkeypatch, deskew=True)
+    assert hashlib.sha256(Path("models/model.pt").read_bytes()).hexdigest() != plain_model, "train ignored deskew"
     net = Net()
     load_state_dict("models/model.pt", net)
-    with torch.inference_mode():
-        as_trained, raw = (torch.softmax(net(to_tensor(x)).double(), 1).numpy() for x in (deskew(images), images))
-    assert np.allclose(np.stack(served["probabilities"]), as_trained, atol=1e-6)
-    assert not np.allclose(as_trained, raw, atol=1e-3), "deskewing must change what the network sees"
-    # evaluate scored the test set as the served model does.
-    predicted = np.loadtxt("reports/predictions.csv", delimiter=",", skiprows=1, usecols=2, dtype=int)
-    assert np.array_equal(served["digit"].to_numpy(), predicted)
+
+    def logits(images: np.ndarray) -> torch.Tensor:
+        with torch.inference_mode():
+            return net(to_tensor(images)).double()
+
+    # train validated on deskewed digits: its best validation accuracy is the saved model's on them.
+    train_images, train_labels = load_mnist("data/raw", "train")
+    val = np.load("data/split/val.npy")
+    val_labels = torch.from_numpy(train_labels[val].astype(np.int64))
+    val_correct = logits(deskew(train_images[val])).argmax(1) == val_labels
+    assert val_correct.double().mean().item() == pytest.approx(val_acc)
+    # evaluate scored deskewed test digits: its loss is the cross-entropy of the network on them.
+    images, labels = load_mnist("data/raw", "t10k")
+    as_trained, raw = logits(deskew(images)), logits(images)
+    loss = json.loads(Path("reports/metrics.json").read_text())["test"]["loss"]
+    expected_loss = F.cross_entropy(as_trained, torch.from_numpy(labels.astype(np.int64))).item()
+    assert loss == pytest.approx(expected_loss, abs=1e-4)
+    assert not torch.allclose(torch.softmax(as_trained, 1), torch.softmax(raw, 1), atol=1e-3), "deskew changes nothing"
+    # The registered model deskews what it is sent, as training and evaluation did.
+    version = runs()[-1].data.tags["model.version"].split("/")[1]
+    served = mlflow.pyfunc.load_model(f"models:/mnist-cnn/{version}").predict(images.astype(object))
+    assert np.allclose(np.stack(served["probabilities"]), torch.softmax(as_trained, 1).numpy(), atol=1e-6)
+    with pytest.raises(mlflow.exceptions.MlflowException, match="model_config deskew: expected true or false"):
+        mlflow.pyfunc.load_model(f"models:/mnist-cnn/{version}", model_config={"deskew": "false"})
