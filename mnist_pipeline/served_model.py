@@ -20,7 +20,7 @@ from mnist_pipeline.digits import DigitError, deskew, read_batch, to_tensor
 from mnist_pipeline.model import Net
 
 WEIGHTS = "weights"  # the artifact's name
-DESKEW = "deskew"  # the model_config key: whether the network was trained on deskewed digits (train.deskew)
+DESKEW = "deskew"  # the model_config key record's served_config writes: whether the network trained on deskewed digits
 CHUNK = 1000  # images per forward pass, as evaluate's batch_size: memory stays flat for any batch
 
 

@@ -29,7 +29,8 @@ T = TypeVar("T")
 BUSY_RETRIES = 8
 # The tag that ties a run and a registered model version to the exact model file (SHA-256 of its bytes).
 MODEL_TAG = "model_sha256"
-# The tag that ties them to the code the served model runs (record's SERVED_CODE): new code, new version.
+# The tag that ties them to the code the served model runs (record's SERVED_CODE) and its model_config: new code
+# or config, new version.
 CODE_TAG = "served_code_sha256"
 # Marks the experiment as model training. MLflow 3.17's UI lets its sidebar switch decide instead (see the
 # README), but earlier UIs and MLflow's own search read this tag.
@@ -203,7 +204,7 @@ def flat_metrics(report: dict[str, object], prefix: str = "") -> dict[str, float
 
 
 def find_model_version(name: str, model_sha256: str, code_sha256: str) -> ModelVersion | None:
-    """The registered version of exactly this model file and served code, if an earlier result registered it."""
+    """The registered version of exactly this model file, served code and config, if an earlier result registered it."""
     versions = retry_busy(
         mlflow.MlflowClient().search_model_versions,
         filter_string=(f"name = '{name}' and tags.{MODEL_TAG} = '{model_sha256}' "

@@ -45,10 +45,8 @@ def curve_metrics(train_log: Path) -> list[Metric]:
 
 
 def served_config(params: Params) -> dict[str, object]:
-    """The served model's model_config: how it prepares digits as its network was trained on them."""
-    from mnist_pipeline.served_model import DESKEW
-
-    return {DESKEW: params.train.deskew}
+    """The served model's model_config (served_model.py reads it): digits prepared as its network trained on them."""
+    return {"deskew": params.train.deskew}  # served_model.DESKEW; imported there with torch, so written out here
 
 
 def served_code_sha256(config: dict[str, object]) -> str:

@@ -60,7 +60,10 @@ def test_deskew_keeps_an_upright_centred_digit_and_blank_images() -> None:
     out = deskew(bar)
     assert out.dtype == np.uint8 and out.shape == bar.shape
     assert np.array_equal(out[0], bar[0])
-    assert not out[1].any()  # nothing to straighten, and no NaN turned into pixels
+    assert not out[1].any()
+    flat = np.zeros((1, 28, 28), np.uint8)
+    flat[0, 14, 8:21] = 255  # one row of ink: no vertical spread to measure a slant by
+    assert np.array_equal(deskew(flat), flat)
 
 
 def test_deskew_is_the_same_image_by_image_as_in_a_batch() -> None:
@@ -68,7 +71,9 @@ def test_deskew_is_the_same_image_by_image_as_in_a_batch() -> None:
     one_by_one = np.concatenate([deskew(image[None]) for image in sevens])
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(digits, "DESKEW_CHUNK", 5)  # batches split across chunks
-        assert np.array_equal(deskew(sevens), one_by_one)
+        batched = deskew(sevens).astype(int)
+    # Equal up to the rounding of a value on .5 (a matrix product's sum order can depend on the batch size).
+    assert np.abs(batched - one_by_one).max() <= 1
     assert similarity(deskew(SEVEN[None])[0], SEVEN) > 0.8  # a real digit stays itself
 
 

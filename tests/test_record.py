@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -16,6 +17,7 @@ import yaml
 from mlflow.entities import LoggedModelStatus
 
 from mnist_pipeline.errors import run_stage
+from mnist_pipeline.params import load_params
 from mnist_pipeline.store import resolve_store
 from stages import plot, record
 from tests.conftest import REPO, pipeline_commands, project_env, run_pipeline, shrunk_params
@@ -180,3 +182,19 @@ def test_a_model_trained_on_deskewed_digits_is_served_deskewing_them(workdir: Pa
     assert np.allclose(np.stack(served["probabilities"]), torch.softmax(as_trained, 1).numpy(), atol=1e-6)
     with pytest.raises(mlflow.exceptions.MlflowException, match="model_config deskew: expected true or false"):
         mlflow.pyfunc.load_model(f"models:/mnist-cnn/{version}", model_config={"deskew": "false"})
+
+
+def test_the_served_config_is_part_of_what_a_registered_version_is() -> None:
+    from mnist_pipeline.served_model import DESKEW
+
+    params = load_params(REPO / "params.yaml")
+    config = record.served_config(params)
+    assert set(config) == {DESKEW}  # the key the served model reads
+    deskewed = record.served_config(replace(params, train=replace(params.train, deskew=not params.train.deskew)))
+    assert record.served_code_sha256(config) != record.served_code_sha256(deskewed)
+    assert record.served_code_sha256(config) == record.served_code_sha256(dict(config))
+    # Without importing torch: a plot-only result's record stage must not pay for it (README, Performance).
+    check = ("import sys, stages.record as r; from mnist_pipeline.params import load_params; "
+             "r.served_code_sha256(r.served_config(load_params())); print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
