@@ -105,8 +105,7 @@ def assert_mnist_shaped(pixels: np.ndarray) -> None:
     assert pixels.shape == (28, 28) and pixels.dtype == np.uint8
     rows, cols = np.flatnonzero(pixels.any(1)), np.flatnonzero(pixels.any(0))
     assert max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 in (20, 21)  # antialiasing may spill into one more
-    mass = pixels.astype(float) / pixels.sum()
-    centre = (mass.sum(1) @ np.arange(28), mass.sum(0) @ np.arange(28))
+    centre = centre_of_mass(pixels)
     assert np.allclose(centre, 14, atol=0.5), centre
     assert pixels[0].max() == pixels[-1].max() == pixels[:, 0].max() == pixels[:, -1].max() == 0  # black margins
 
