@@ -36,6 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from benchmarks.pipeline_times import pipeline_times
+from mnist_pipeline import cpu_kernels
 from mnist_pipeline.data import load_mnist
 from mnist_pipeline.digits import deskew, to_tensor
 from mnist_pipeline.files import atomic_write_json
@@ -45,6 +46,9 @@ from mnist_pipeline.stage_commands import stage_commands
 from mnist_pipeline.training import load_state_dict, make_deterministic, predict, state_dict_bytes, train
 
 STAGES = ("download", "split", "train", "evaluate", "plot", "record")
+# The report's sections, in the order they run; `--only` takes any of them.
+SECTIONS = ("throughput", "ddp", "kernel_pins", "default_recipe", "fast_recipe", "peer_recipe", "record_s",
+            "team_server", "evaluate_10k_s", "serving", "startup_s", "pipeline", "noop_dvc_repro_s", "gpu_epoch_s")
 # The README's fast recipe (section Parameters): the overrides of its `dvc exp run -S` line, which a test checks
 # against this. Chosen by time to 99.0% test accuracy among about 25 recipes tried on 2 cores (2-5 epochs, batch
 # 64-512, peak lr 0.005-0.03, Adam or SGD, shifts of 0 or 1 pixel, deskewing or not). It names Adam without weight
@@ -503,6 +507,29 @@ def positive_int(text: str) -> int:
     return value
 
 
+def kernel_pin_cost(samples: int, repeats: int) -> dict:
+    """Samples/s of the project's loop with the CPU kernel pins and without them, measured in turns.
+
+    The libraries read the pins once, when torch loads, so no process can switch them: each turn is a fresh
+    `python -m benchmarks.bench --loop-worker`, pinned as the stages are (benchmarks/__init__.py) or with torch
+    loaded first, which leaves the pins unset (cpu_kernels.pin); pinned and unpinned alternate, so that a busy
+    moment of a shared machine spreads over both.
+    """
+    worker = ["-m", "benchmarks.bench", "--loop-worker", "--samples", str(samples)]
+    unpinned = ["-c", "import runpy, torch; runpy.run_module('benchmarks.bench', run_name='__main__')"]
+    env = {k: v for k, v in os.environ.items() if k not in cpu_kernels.PINS}
+    rates: dict[str, list[float]] = {"pinned": [], "unpinned": []}
+    for _ in range(repeats):
+        for name, command in (("pinned", worker), ("unpinned", [*unpinned, *worker[2:]])):
+            out = subprocess.run([sys.executable, *command], check=True, capture_output=True, text=True, env=env)
+            rates[name].append(json.loads(out.stdout.strip().splitlines()[-1])["per_s"])
+    median = {k: float(np.median(v)) for k, v in rates.items()}
+    return {"samples": samples, "repeats": repeats, "pins": cpu_kernels.PINS,
+            **{f"{k}_per_s": round(v) for k, v in median.items()},
+            **{f"{k}_range": [round(min(v)), round(max(v))] for k, v in rates.items()},
+            "ratio_pinned_over_unpinned": round(median["pinned"] / median["unpinned"], 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=positive_int, default=16_000, help="samples for the loop-against-loop ratio")
@@ -514,9 +541,15 @@ def main() -> None:
     parser.add_argument("--peer-budget-s", type=float, default=400.0,
                         help="training seconds PyTorch's example recipe gets to reach 99.0%% test accuracy")
     parser.add_argument("--serve-requests", type=positive_int, default=300, help="single-image requests to the server")
+    parser.add_argument("--pin-repeats", type=positive_int, default=5, help="turns of the kernel pins' cost")
+    parser.add_argument("--only", nargs="+", choices=SECTIONS, metavar="SECTION",
+                        help=f"measure these alone, keeping the other sections of --out: {', '.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=Path("reports/benchmark.json"))
     parser.add_argument("--ddp-worker", action="store_true", help="(run by torchrun for the DDP figures)")
+    parser.add_argument("--loop-worker", action="store_true", help="(run for the kernel pins' cost)")
     args = parser.parse_args()
+    if args.only and not args.out.exists():
+        raise SystemExit(f"error: {args.out}: --only updates an earlier report; run the whole benchmark once first")
     params = load_params()
     raw = Path("data/raw")
     images, labels = load_mnist(raw, "train")
@@ -527,32 +560,44 @@ def main() -> None:
     if args.ddp_worker:
         ddp_worker(*data["train"], params, args.samples)
         return
-    seed_rate = seed_style_throughput(raw, args.samples, params.train.num_threads)
-    ours_rate = project_throughput(*data["train"], params, args.samples)
-    report = {
-        "throughput": {"samples": args.samples, "seed_style_per_s": round(seed_rate),
-                       "project_per_s": round(ours_rate), "ratio": round(ours_rate / seed_rate, 2)},
-        "ddp": ddp_scaling(*data["train"], params, args.samples, args.repeats),
-        "default_recipe": time_to_accuracy(data, params, 0.99, args.probe_every),
-        "fast_recipe": fast_recipe_runs((images, labels, test_images, test_labels, *split), params, args.fast_runs,
-                                        args.fast_probe_every),
+    if args.loop_worker:
+        print(json.dumps({"per_s": project_throughput(*data["train"], params, args.samples)}))
+        return
+    sections = {
+        "throughput": lambda: throughput(raw, data, params, args.samples),
+        "ddp": lambda: ddp_scaling(*data["train"], params, args.samples, args.repeats),
+        "kernel_pins": lambda: kernel_pin_cost(args.samples, args.pin_repeats),
+        "default_recipe": lambda: time_to_accuracy(data, params, 0.99, args.probe_every),
+        "fast_recipe": lambda: fast_recipe_runs((images, labels, test_images, test_labels, *split), params,
+                                                args.fast_runs, args.fast_probe_every),
         # Probed every 100 of its batches of 64 (6,400 samples; ours: 25,600 for the default, 2,560 for the fast).
-        "peer_recipe": peer_time_to_accuracy(data, params.seed, params.train.num_threads, 0.99, 100,
-                                             args.peer_budget_s),
-        "record_s": recording_seconds(args.repeats),
-        "team_server": team_server_ratio(args.repeats),
-        "evaluate_10k_s": evaluation_seconds(data, params),
-        "serving": serving_rates(test_images, Path("models/model.pt"), params.train.num_threads, args.serve_requests),
-        "startup_s": startup_seconds(),
-        "pipeline": pipeline_times(Path.cwd(), raw, params.plot.n_images, args.plot_only_runs),
-        "noop_dvc_repro_s": noop_repro_seconds(),
-        "gpu_epoch_s": gpu_epoch_seconds(data, params),
-        "threads": params.train.num_threads,
-        "torch": torch.__version__,
+        "peer_recipe": lambda: peer_time_to_accuracy(data, params.seed, params.train.num_threads, 0.99, 100,
+                                                     args.peer_budget_s),
+        "record_s": lambda: recording_seconds(args.repeats),
+        "team_server": lambda: team_server_ratio(args.repeats),
+        "evaluate_10k_s": lambda: evaluation_seconds(data, params),
+        "serving": lambda: serving_rates(test_images, Path("models/model.pt"), params.train.num_threads,
+                                         args.serve_requests),
+        "startup_s": startup_seconds,
+        "pipeline": lambda: pipeline_times(Path.cwd(), raw, params.plot.n_images, args.plot_only_runs),
+        "noop_dvc_repro_s": noop_repro_seconds,
+        "gpu_epoch_s": lambda: gpu_epoch_seconds(data, params),
     }
+    report = json.loads(args.out.read_text()) if args.only else {}
+    for name in args.only or SECTIONS:
+        report[name] = sections[name]()
+    report.update(threads=params.train.num_threads, torch=torch.__version__)
     report["peer_ratios"] = peer_ratios(report["peer_recipe"], report["default_recipe"], report["fast_recipe"])
     atomic_write_json(args.out, report)
     print_table(report)
+
+
+def throughput(raw: Path, data: dict[str, tuple[torch.Tensor, torch.Tensor]], params: Params, samples: int) -> dict:
+    """The project's loop against the seed-style loop, over the same number of samples."""
+    seed_rate = seed_style_throughput(raw, samples, params.train.num_threads)
+    ours_rate = project_throughput(*data["train"], params, samples)
+    return {"samples": samples, "seed_style_per_s": round(seed_rate), "project_per_s": round(ours_rate),
+            "ratio": round(ours_rate / seed_rate, 2)}
 
 
 def serving_rows(serving: dict) -> list[tuple[str, str]]:
@@ -580,6 +625,7 @@ def print_table(report: dict) -> None:
         ("project loop, 2 processes x 1 thread (torchrun, Gloo)", f"{d['two_by_1_per_s']} samples/s"),
         ("  ratio, 2 processes x 1 / 1 process x 2 threads", f"{d['ratio_two_by_1_over_one_by_2']}x"),
         ("  scaling efficiency, 2 processes / (2 x 1 process, 1 thread)", f"{d['scaling_efficiency']}"),
+        *kernel_pin_rows(report.get("kernel_pins")),
         ("default recipe: training time", f"{r['train_seconds']} s"),
         (f"  validation accuracy first >= 99.0% (probed every {r['probe_every']} it)",
          f"{r['val_reaches_target_s']} s"),
@@ -603,6 +649,18 @@ def print_table(report: dict) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+
+
+def kernel_pin_rows(pins: dict | None) -> list[tuple[str, str]]:
+    if pins is None:
+        return [("project loop, CPU kernels pinned / not pinned", "n/a (not measured in this report)")]
+    return [
+        ("project loop, CPU kernels pinned (as the stages run)", f"{pins['pinned_per_s']} samples/s"),
+        ("project loop, CPU kernels not pinned", f"{pins['unpinned_per_s']} samples/s"),
+        (f"  ratio, pinned / not pinned (median of {pins['repeats']} turns each)",
+         f"{pins['ratio_pinned_over_unpinned']}x (pinned {pins['pinned_range'][0]}-{pins['pinned_range'][1]}, "
+         f"not {pins['unpinned_range'][0]}-{pins['unpinned_range'][1]} samples/s)"),
+    ]
 
 
 def fast_rows(fast: dict) -> list[tuple[str, str]]:

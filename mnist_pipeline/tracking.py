@@ -21,6 +21,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 
+from mnist_pipeline import cpu_kernels
 from mnist_pipeline.params import Params, flatten
 from mnist_pipeline.store import Store, StoreError
 
@@ -122,8 +123,9 @@ def git_dirty(outputs: list[Path]) -> bool:
 
 
 def run_tags(outputs: list[Path]) -> dict[str, str]:
-    """Tags tying a run to its git commit, to whether code or params differ from it, and to the DVC experiment."""
-    tags = {}
+    """Tags tying a run to its git commit, to whether code or params differ from it, to the DVC experiment, and to
+    the machine that made it (its CPU and kernels: machine-dependent, so kept out of DVC's outputs)."""
+    tags = cpu_kernels.provenance()
     commit = (git("rev-parse", "HEAD") or "").strip()
     if commit:
         tags["mlflow.source.git.commit"] = commit

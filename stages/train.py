@@ -20,6 +20,7 @@ from mnist_pipeline.model import Net
 from mnist_pipeline.params import Params, load_params
 from mnist_pipeline.store import check_store, resolve_store
 from mnist_pipeline.training import LogRow, make_deterministic, select_device, state_dict_bytes, train
+from stages import KERNEL_NOTES
 
 PROGRESS_EVERY_S = 5.0
 
@@ -95,6 +96,8 @@ def main() -> None:
     if distributed.launched():
         rank, device = distributed.join(p.processes, device)
     else:
+        for note in KERNEL_NOTES:
+            print(f"train: {note}", file=sys.stderr, flush=True)
         check_store(resolve_store())  # the record stage needs it: fail now rather than after training
         if p.processes > 1:
             launch(params, device, sys.argv[1:], [args.model, args.log, args.summary])

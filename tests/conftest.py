@@ -8,6 +8,7 @@ import hashlib
 import importlib
 import json
 import os
+import platform
 import shutil
 import signal
 import socket
@@ -26,12 +27,17 @@ import numpy as np
 import pytest
 import yaml
 
-from mnist_pipeline import sources
+import stages  # noqa: F401  first of the project: the CPU kernel pins are set before torch loads, as in every stage
+from mnist_pipeline import cpu_kernels, sources
 from mnist_pipeline.data import MNIST_FILES, MnistFile
 from mnist_pipeline.params import load_params
 from mnist_pipeline.stage_commands import stage_commands
 
 REPO = Path(__file__).resolve().parents[1]
+# The committed bytes are promised where the pinned CPU kernels run (docs/reproducibility.md): tests that compare
+# with them skip elsewhere, saying why.
+UNPINNABLE = cpu_kernels.unpinnable_reason(platform.machine(), cpu_kernels.cpu_flags())
+needs_pinnable_cpu = pytest.mark.skipif(UNPINNABLE is not None, reason=f"{UNPINNABLE}: the pinned kernels cannot run")
 
 
 def idx_bytes(array: np.ndarray) -> bytes:

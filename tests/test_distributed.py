@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from mnist_pipeline import cpu_kernels
 from mnist_pipeline.model import Net
 from mnist_pipeline.training import share, share_loss
 from tests.conftest import REPO, copy_project, copy_workdir, dvc, free_port, pipeline_commands, project_env

@@ -11,9 +11,10 @@ import pytest
 import yaml
 
 from mnist_pipeline.data import load_mnist
-from tests.conftest import copy_project, dvc
+from tests.conftest import copy_project, dvc, needs_pinnable_cpu
 
 @pytest.mark.slow
+@needs_pinnable_cpu
 def test_dvc_repro_on_real_data_reproduces_the_committed_results(tmp_path: Path, real_mnist: Path) -> None:
     clone = copy_project(tmp_path / "clone")
     assert (clone / "dvc.lock").exists(), "dvc.lock must be committed from a real run"
