@@ -4,6 +4,8 @@ They measure the code as the stages run it, so the CPU kernel pins are set here,
 stages/__init__.py does for the stages.
 """
 
+import os
+
 from mnist_pipeline import cpu_kernels
 
-cpu_kernels.pin()
+cpu_kernels.pin(os.environ)

@@ -2,13 +2,15 @@
 
 Run from the repo root after `dvc repro` (it reads data/raw and data/split):
 
-    python -m benchmarks.bench
+    python -m benchmarks.bench                      # every section
+    python -m benchmarks.bench --only kernel_pins   # one section; the others of reports/benchmark.json stay
 
 The loops and recipes run in this one process on the same data, and speeds are printed as ratios against
 a baseline measured here and now, so the numbers compare like with like on whatever machine runs it. The
-stages, `mlflow models serve`, the team server and a fresh clone's `dvc repro` (benchmarks/pipeline_times.py)
-run as a user runs them, in subprocesses, and are reported as wall times. It prints a table and writes the same
-numbers to reports/benchmark.json. No test asserts a time.
+stages, `mlflow models serve`, the team server, a fresh clone's `dvc repro` (benchmarks/pipeline_times.py) and
+the loop with and without the CPU kernel pins (which a process reads once) run in subprocesses, and are reported
+as wall times or ratios of turns taken in pairs. It prints a table and writes the same numbers to
+reports/benchmark.json, with the CPU each section ran on where it matters. No test asserts a time.
 """
 
 from __future__ import annotations
@@ -510,23 +512,27 @@ def positive_int(text: str) -> int:
 def kernel_pin_cost(samples: int, repeats: int) -> dict:
     """Samples/s of the project's loop with the CPU kernel pins and without them, measured in turns.
 
-    The libraries read the pins once, when torch loads, so no process can switch them: each turn is a fresh
-    `python -m benchmarks.bench --loop-worker`, pinned as the stages are (benchmarks/__init__.py) or with torch
-    loaded first, which leaves the pins unset (cpu_kernels.pin); pinned and unpinned alternate, so that a busy
-    moment of a shared machine spreads over both.
+    The libraries read the pins once, when torch loads, so no process can switch them: each measurement is a
+    fresh `python -m benchmarks.bench --loop-worker`, pinned as the stages are (benchmarks/__init__.py) or with
+    torch loaded first, which leaves the pins unset. Each turn runs a pair back to back, pinned first in odd
+    turns and last in even ones, so that neither order nor a busy moment of a shared machine favours one side.
     """
-    worker = ["-m", "benchmarks.bench", "--loop-worker", "--samples", str(samples)]
-    unpinned = ["-c", "import runpy, torch; runpy.run_module('benchmarks.bench', run_name='__main__')"]
-    env = {k: v for k, v in os.environ.items() if k not in cpu_kernels.PINS}
+    worker = ["benchmarks.bench", "--loop-worker", "--samples", str(samples)]
+    commands = {"pinned": ["-m", *worker], "unpinned": [*cpu_kernels.UNPINNED_PREFIX, *worker]}
+    env = cpu_kernels.without_pins(os.environ)
     rates: dict[str, list[float]] = {"pinned": [], "unpinned": []}
-    for _ in range(repeats):
-        for name, command in (("pinned", worker), ("unpinned", [*unpinned, *worker[2:]])):
-            out = subprocess.run([sys.executable, *command], check=True, capture_output=True, text=True, env=env)
-            rates[name].append(json.loads(out.stdout.strip().splitlines()[-1])["per_s"])
+    capability = {}
+    for turn in range(repeats):
+        for name in ("pinned", "unpinned") if turn % 2 == 0 else ("unpinned", "pinned"):
+            out = subprocess.run([sys.executable, *commands[name]], check=True, capture_output=True, text=True,
+                                 env=env)
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+            rates[name].append(result["per_s"])
+            capability[name] = result["cpu_capability"]
     median = {k: float(np.median(v)) for k, v in rates.items()}
-    # Each turn's pair ran back to back: the median of their ratios is the least moved by the machine's drift.
     pairs = [p / u for p, u in zip(rates["pinned"], rates["unpinned"])]
-    return {"samples": samples, "repeats": repeats, "pins": cpu_kernels.PINS,
+    return {"samples": samples, "repeats": repeats, "cpu": cpu_kernels.cpuinfo_field("model name"),
+            "cpu_capability": capability, "pins": cpu_kernels.PINS,
             **{f"{k}_per_s": round(v) for k, v in median.items()},
             "turns_per_s": {k: [round(x) for x in v] for k, v in rates.items()},
             "ratio_pinned_over_unpinned": round(float(np.median(pairs)), 3),
@@ -566,7 +572,8 @@ def main() -> None:
         return
     if args.loop_worker:
         project_throughput(*data["train"], params, 2_048)  # warm-up: oneDNN builds its kernels on first use
-        print(json.dumps({"per_s": project_throughput(*data["train"], params, args.samples)}))
+        print(json.dumps({"per_s": project_throughput(*data["train"], params, args.samples),
+                          "cpu_capability": torch.backends.cpu.get_cpu_capability()}))
         return
     sections = {
         "throughput": lambda: throughput(raw, data, params, args.samples),
@@ -589,8 +596,10 @@ def main() -> None:
         "gpu_epoch_s": lambda: gpu_epoch_seconds(data, params),
     }
     report = json.loads(args.out.read_text()) if args.only else {}
+    cpu = cpu_kernels.cpuinfo_field("model name") or "unknown"
     for name in args.only or SECTIONS:
         report[name] = sections[name]()
+        report.setdefault("measured_on", {})[name] = cpu  # --only mixes sections of other runs, maybe other CPUs
     report.update(threads=params.train.num_threads, torch=torch.__version__)
     report["peer_ratios"] = peer_ratios(report["peer_recipe"], report["default_recipe"], report["fast_recipe"])
     atomic_write_json(args.out, report)
@@ -659,11 +668,14 @@ def print_table(report: dict) -> None:
 def kernel_pin_rows(pins: dict | None) -> list[tuple[str, str]]:
     if pins is None:
         return [("project loop, CPU kernels pinned / not pinned", "n/a (not measured in this report)")]
+    capability = pins["cpu_capability"]
     return [
-        ("project loop, CPU kernels pinned (as the stages run)", f"{pins['pinned_per_s']} samples/s"),
-        ("project loop, CPU kernels not pinned", f"{pins['unpinned_per_s']} samples/s"),
+        (f"project loop, CPU kernels pinned ({capability['pinned']}, as the stages run)",
+         f"{pins['pinned_per_s']} samples/s"),
+        (f"project loop, CPU kernels not pinned ({capability['unpinned']})", f"{pins['unpinned_per_s']} samples/s"),
         (f"  ratio, pinned / not pinned: median of {pins['repeats']} back-to-back pairs",
-         f"{pins['ratio_pinned_over_unpinned']}x (pairs {pins['ratio_range'][0]}x to {pins['ratio_range'][1]}x)"),
+         f"{pins['ratio_pinned_over_unpinned']}x (pairs {pins['ratio_range'][0]}x to {pins['ratio_range'][1]}x; "
+         f"{pins['cpu']})"),
     ]
 
 

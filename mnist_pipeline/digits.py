@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 import binascii
 import io
+from collections.abc import Iterable
+from numbers import Real
 
 import numpy as np
 import torch
@@ -70,11 +72,9 @@ def check_pixels(array: np.ndarray, where: str = "pixels") -> np.ndarray:
         return array
     if array.dtype.kind not in "iuf" and array.dtype != object:
         raise DigitError(f"{where}: expected numbers 0-255, got {array.dtype}")
-    try:
-        values = array.astype(np.float64)
-    except (TypeError, ValueError):
-        kinds = sorted({type(v).__name__ for v in array.ravel() if not isinstance(v, (int, float))})
-        raise DigitError(f"{where}: expected numbers 0-255, got {', '.join(kinds)}") from None
+    if array.dtype == object:
+        check_numbers(array.ravel(), where)
+    values = array.astype(np.float64)
     bad = ~np.isfinite(values) | (values < 0) | (values > 255) | (values != np.floor(values))
     if bad.any():
         image, row, col = (int(i) for i in np.argwhere(bad)[0])
@@ -83,6 +83,24 @@ def check_pixels(array: np.ndarray, where: str = "pixels") -> np.ndarray:
             f"scaled to 0-1); got {values[image, row, col]:g} at image {image}, row {row}, column {col}"
         )
     return values.astype(np.uint8)
+
+
+def check_numbers(values: Iterable[object], where: str) -> None:
+    """Refuse pixels that are not numbers: numpy's conversions would read "255", " 7 " or true as numbers."""
+    kinds = sorted({type(v).__name__ for v in values if isinstance(v, (bool, np.bool_)) or not isinstance(v, Real)})
+    if kinds:
+        raise DigitError(f"{where}: expected numbers 0-255 (JSON numbers, not text or true/false), got "
+                         f"{', '.join(kinds)}")
+
+
+def check_not_blank(pixels: np.ndarray, first: int = 0) -> None:
+    """Refuse an image with no digit in it, as a blank image file is refused (`mnist_style`); `first` is the
+    request's index of pixels[0]."""
+    flat = (pixels.max((1, 2)).astype(np.int16) - pixels.min((1, 2))) < MIN_CONTRAST
+    if flat.any():
+        index = int(np.flatnonzero(flat)[0])
+        raise DigitError(f"inputs[{first + index}]: no digit found: every pixel is within {MIN_CONTRAST} grey "
+                         f"levels of {int(pixels[index].min())}")
 
 
 def decode_image(data: bytes, where: str = "image") -> np.ndarray:
@@ -99,7 +117,7 @@ def decode_image(data: bytes, where: str = "image") -> np.ndarray:
             f"{where}: {width}x{height} pixels is over the limit of 16.7 megapixels (4096x4096); scale it down"
         )
     try:
-        image = ImageOps.exif_transpose(image)  # a phone photo's pixels as the phone shows them
+        image = eight_bit(ImageOps.exif_transpose(image))  # a phone photo's pixels as the phone shows them
         if "A" in image.getbands() or "transparency" in image.info:
             # Transparent parts as paper: a digit drawn on a transparent canvas becomes dark ink on white.
             paper = Image.new("RGBA", image.size, "white")
@@ -108,6 +126,21 @@ def decode_image(data: bytes, where: str = "image") -> np.ndarray:
     except (OSError, ValueError, SyntaxError) as err:
         raise DigitError(f"{where}: a damaged {image.format} file ({' '.join(str(err).split())})") from None
     return mnist_style(gray, where)
+
+
+def eight_bit(image: Image.Image) -> Image.Image:
+    """A 16-bit grayscale PNG (Pillow's modes I;16 and I) as 8-bit, scaled by 255/65535.
+
+    Pillow's own convert("L") clips those values at 255 instead of scaling them, which turns every pixel
+    above 255 white. Other modes are 8 bits a channel already.
+    """
+    if not image.mode.startswith("I"):
+        return image
+    scaled = np.rint(np.asarray(image, dtype=np.float64) / 257).clip(0, 255).astype(np.uint8)
+    out = Image.fromarray(scaled, mode="L")
+    if isinstance(image.info.get("transparency"), int):  # the one fully transparent gray value, scaled alike
+        out.info["transparency"] = min(round(image.info["transparency"] / 257), 255)
+    return out
 
 
 def mnist_style(gray: np.ndarray, where: str = "image") -> np.ndarray:
@@ -143,8 +176,12 @@ def image_bytes(item: object, where: str) -> bytes:
     """An image file's bytes: given as bytes, or as base64 text (what JSON can carry)."""
     if isinstance(item, (bytes, bytearray)):
         return bytes(item)
+    text = item.strip()
+    if "\n" in text or "\r" in text:
+        raise DigitError(f"{where}: base64 text with line breaks inside; send it on one line (`base64 -w 0 FILE`, "
+                         "or remove the line breaks)")
     try:
-        return base64.b64decode(item.strip(), validate=True)
+        return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise DigitError(f"{where}: text that is not base64 (send a PNG or JPEG file as base64)") from None
 
@@ -168,7 +205,9 @@ def read_batch(batch: object) -> np.ndarray:
     if len(items) > MAX_BATCH:
         raise DigitError(f"inputs: {len(items)} images is over the limit of {MAX_BATCH:,} a request; split the batch")
     if isinstance(items, np.ndarray):
-        return check_pixels(items)
+        pixels = check_pixels(items)
+        check_not_blank(pixels)
+        return pixels
     pixels = np.empty((len(items), SIZE, SIZE), dtype=np.uint8)
     for index, item in enumerate(items):
         where = f"inputs[{index}]"
@@ -181,7 +220,10 @@ def read_batch(batch: object) -> np.ndarray:
             raise DigitError(f"{where}: expected 28x28 pixels, got rows of different lengths") from None
         if array.shape != (SIZE, SIZE):
             raise DigitError(f"{where}: expected 28x28 pixels or a base64 PNG/JPEG file, got {describe(item)}")
+        if isinstance(item, (list, tuple)):  # np.asarray reads [true, 7] as [1, 7]: look at what was sent
+            check_numbers((value for row in item for value in row), where)
         pixels[index] = check_pixels(array[None], where)[0]
+        check_not_blank(pixels[index : index + 1], index)
     return pixels
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import hashlib
 import json
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mnist_pipeline.cpu_kernels import PINS
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.params import PARAMS_FILE, Params, ParamsError, flatten
 
@@ -27,6 +29,9 @@ from mnist_pipeline.params import PARAMS_FILE, Params, ParamsError, flatten
 NODES_ENV, ENDPOINT_ENV, BACKEND_ENV = "PET_NNODES", "PET_RDZV_ENDPOINT", "PET_RDZV_BACKEND"
 # Marks, in a process's error file, a collective that failed because a peer had gone.
 LOST = "lost"
+# The pid of the train stage that launched this machine's processes: they end with it (die_with_launcher).
+LAUNCHER_ENV = "MNIST_PIPELINE_LAUNCHER_PID"
+PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
 
 
 class JobFailed(PipelineError):
@@ -130,6 +135,7 @@ def launch(processes: int, module: str, args: list[str], threads: int) -> None:
         flags += ["--rdzv-backend", "c10d"]
     # Each process sets its own thread count; this keeps torchrun from setting OMP_NUM_THREADS=1 and saying so.
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    os.environ[LAUNCHER_ENV] = str(os.getpid())
     with tempfile.TemporaryDirectory(prefix="torchrun-") as logs:
         arguments = torchrun.parse_args([*flags, "--log-dir", logs, "-m", module, *args])
         # torchrun's agent logs every step, and each failure over dozens of lines: the failure becomes one line here.
@@ -196,10 +202,12 @@ def check_same_inputs(params: Params, arrays: list, code: list[Path]) -> None:
             hasher.update(chunk)
         return hasher.hexdigest()
 
+    kernels = {key: os.environ.get(key) for key in PINS} | {"capability": torch.backends.cpu.get_cpu_capability()}
     mine = {
         PARAMS_FILE: digest([json.dumps(flatten(params), sort_keys=True).encode()]),
         "data": digest([memoryview(a).cast("B") for a in arrays]),
         "code": digest([path.read_bytes() for path in code] + [torch.__version__.encode()]),
+        "CPU kernels": digest([json.dumps(kernels, sort_keys=True).encode()]),
     }
     everyone: list[dict[str, str] | None] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
@@ -207,7 +215,8 @@ def check_same_inputs(params: Params, arrays: list, code: list[Path]) -> None:
     if differ:
         ranks = [rank for rank, other in enumerate(everyone) if other != everyone[0]]
         raise PipelineError(f"{', '.join(differ)} of ranks {ranks} differ from rank 0's: every machine needs the same "
-                            "commit, params.yaml and data (`dvc pull`)")
+                            "commit, params.yaml and data (`dvc pull`), and CPUs that run the pinned kernels "
+                            "(docs/reproducibility.md)")
 
 
 def one_line(err: BaseException) -> str:
@@ -224,12 +233,32 @@ def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
 
+def die_with_launcher() -> None:
+    """End this process as soon as the process that started it ends, however it ends (Linux).
+
+    torchrun's processes are the train stage's children: killed by a signal it cannot catch (an OOM killer, a
+    closed terminal's SIGKILL), the stage cannot stop them, and they would train on and write their outputs
+    after DVC had reported the failure. The kernel sends them SIGKILL instead; a launcher already gone before
+    this call is caught by its pid.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except AttributeError:  # not Linux: no such call
+        return
+    if prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    launcher = os.environ.get(LAUNCHER_ENV)
+    if launcher and os.getppid() != int(launcher):
+        os._exit(1)
+
+
 def run_rank(main: Callable[[], None]) -> None:
     """Run one process of the job: a failure goes in one line to the error file torchrun reads, exit code 1.
 
     torchrun stops the other processes with SIGTERM when one fails: raised as KeyboardInterrupt here, it lets
-    atomic writes remove their temporary files.
+    atomic writes remove their temporary files. A launcher that dies takes the processes with it.
     """
+    die_with_launcher()
     signal.signal(signal.SIGTERM, _interrupt)
     try:
         main()

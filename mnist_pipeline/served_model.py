@@ -8,6 +8,13 @@ the model it serves.
 
 from __future__ import annotations
 
+import os
+
+from mnist_pipeline import cpu_kernels
+
+# The kernels evaluate scored with, set before torch loads (in `mlflow models serve` it has not yet).
+cpu_kernels.pin(os.environ)
+
 import mlflow
 import numpy as np
 import pandas as pd

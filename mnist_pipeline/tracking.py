@@ -21,7 +21,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 
-from mnist_pipeline import cpu_kernels
+from mnist_pipeline import machine
 from mnist_pipeline.params import Params, flatten
 from mnist_pipeline.store import Store, StoreError
 
@@ -123,9 +123,8 @@ def git_dirty(outputs: list[Path]) -> bool:
 
 
 def run_tags(outputs: list[Path]) -> dict[str, str]:
-    """Tags tying a run to its git commit, to whether code or params differ from it, to the DVC experiment, and to
-    the machine that made it (its CPU and kernels: machine-dependent, so kept out of DVC's outputs)."""
-    tags = cpu_kernels.provenance()
+    """Tags tying a run to its git commit, to whether code or params differ from it, and to the DVC experiment."""
+    tags = {}
     commit = (git("rev-parse", "HEAD") or "").strip()
     if commit:
         tags["mlflow.source.git.commit"] = commit
@@ -230,7 +229,8 @@ def record_failed_training(store: Store, params: Params, outputs: list[Path], ca
     The record stage writes the run of each result. A job of several processes can fail in any of them, on any
     machine: the process that launched it on this machine sees every failure, so it leaves this run.
     """
-    tags = {**run_tags(outputs), "train.device": device, "train.world_size": str(params.train.processes),
+    tags = {**run_tags(outputs), **machine.provenance(), "train.device": device,
+            "train.world_size": str(params.train.processes),
             "train.backend": backend, "failure": cause, "mlflow.note.content": f"Training failed: {cause}"}
     name = tags.get("dvc.exp_name", WORKSPACE_RUN_NAME)
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # a new store's INFO lines would bury the one-line error

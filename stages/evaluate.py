@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from mnist_pipeline.losses import manual_cross_entropy, multiclass_svm_loss
 from mnist_pipeline.model import Net
 from mnist_pipeline.params import load_params
 from mnist_pipeline.training import load_state_dict, predict
-from stages import KERNEL_NOTES
+from stages import say_kernel_notes
 
 CE_TOLERANCE = 1e-5
 
@@ -56,8 +55,7 @@ def main() -> None:
     parser.add_argument("predictions", type=Path, help="CSV of each test image's label and prediction")
     args = parser.parse_args()
     params = load_params()
-    for note in KERNEL_NOTES:
-        print(f"evaluate: {note}", file=sys.stderr, flush=True)
+    say_kernel_notes("evaluate")
     torch.set_num_threads(params.train.num_threads)
     torch.use_deterministic_algorithms(True)
     images, labels = load_mnist(args.raw, "t10k")

@@ -17,6 +17,7 @@ import mnist_pipeline
 from mnist_pipeline import tracking
 from mnist_pipeline.errors import PipelineError, run_stage
 from mnist_pipeline.files import atomic_write_text, sha256_file
+from mnist_pipeline.machine import trained_on
 from mnist_pipeline.params import Params, flatten, load_params
 from mnist_pipeline.store import check_store, resolve_store
 
@@ -24,7 +25,7 @@ from mnist_pipeline.store import check_store, resolve_store
 MARKER_TEXT = "This workspace's result is recorded in MLflow. Delete this file to record it again.\n"
 PACKAGE = Path(mnist_pipeline.__file__).parent
 # The files the served model runs (mnist_pipeline/served_model.py imports the others), logged with its weights.
-SERVED_CODE = ("__init__.py", "digits.py", "model.py", "served_model.py")
+SERVED_CODE = ("__init__.py", "cpu_kernels.py", "digits.py", "model.py", "served_model.py")
 RETRY = ("the trained model and reports are kept: fix the store, then rerun the same `dvc repro` or `dvc exp run`, "
          "which records this result without training")
 
@@ -133,7 +134,8 @@ def main() -> None:
                        ("model", "the best model's weights"), ("train-log", "train's periodic metrics (CSV)"),
                        ("summary", "train's summary (JSON)"), ("metrics", "evaluate's test metrics (JSON)"),
                        ("predictions", "evaluate's predictions (CSV)"), ("figures", "plot's folder of figures"),
-                       ("marker", "written once the result is recorded")):
+                       ("marker", "written once the result is recorded"),
+                       ("trained-on", "the training machine's tags, from train (JSON)")):
         parser.add_argument(f"--{name}", type=Path, required=True, help=what)
     args = parser.parse_args()
     params = load_params()
@@ -146,6 +148,7 @@ def main() -> None:
     outputs = [args.train_log, args.summary, args.metrics, args.predictions, args.figures]
     tags = {
         **tracking.run_tags([args.raw, args.model, *outputs, args.marker]),
+        **trained_on(args.trained_on, model_sha256),
         tracking.MODEL_TAG: model_sha256, tracking.CODE_TAG: served_code_sha256(served_config(params)),
         # Where it trained: results differ in their last bits between devices and world sizes.
         "train.device": summary["device"], "train.world_size": str(summary["world_size"]),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -11,16 +13,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mnist_pipeline import digits, distributed, training
+from mnist_pipeline import cpu_kernels, digits, distributed, training
 from mnist_pipeline.data import load_mnist
 from mnist_pipeline.digits import deskew, to_tensor
 from mnist_pipeline.errors import PipelineError, run_stage
 from mnist_pipeline.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from mnist_pipeline.machine import write_trained_on
 from mnist_pipeline.model import Net
-from mnist_pipeline.params import Params, load_params
+from mnist_pipeline.params import PARAMS_FILE, Params, ParamsError, load_params
 from mnist_pipeline.store import check_store, resolve_store
-from mnist_pipeline.training import LogRow, make_deterministic, select_device, state_dict_bytes, train
-from stages import KERNEL_NOTES
+from mnist_pipeline.training import (LogRow, check_learned, make_deterministic, select_device, state_dict_bytes,
+                                     train)
+from stages import say_kernel_notes
 
 PROGRESS_EVERY_S = 5.0
 
@@ -35,6 +39,18 @@ def load_indices(split_dir: Path, name: str, n: int) -> torch.Tensor:
     if indices.ndim != 1 or indices.dtype.kind not in "iu" or not in_range:
         raise PipelineError(f"{path}: expected 1-D integer indices in [0, {n}), got {indices.dtype} {indices.shape}")
     return torch.from_numpy(indices.astype(np.int64))
+
+
+def check_batch_size(batch_size: int, split_dir: Path) -> None:
+    """Refuse a batch larger than the training split before any work (a broken split file is reported later)."""
+    path = split_dir / "train.npy"
+    try:
+        count = len(np.load(path, mmap_mode="r", allow_pickle=False))
+    except (OSError, ValueError, TypeError):
+        return
+    if batch_size > count:
+        raise ParamsError(PARAMS_FILE, "train.batch_size", f"{batch_size} is larger than the {count:,} training images "
+                          f"in {path}; set at most {count}")
 
 
 def log_csv(rows: list[LogRow]) -> str:
@@ -88,16 +104,19 @@ def main() -> None:
     parser.add_argument("model", type=Path, help="where the best model's weights go")
     parser.add_argument("log", type=Path, help="CSV of the periodic training metrics")
     parser.add_argument("summary", type=Path, help="JSON of the best validation accuracy, device and world size")
+    parser.add_argument("trained_on", type=Path, help="JSON of this machine's tags for the model (not DVC's)")
     args = parser.parse_args()
     params = load_params()
     p = params.train
+    check_batch_size(p.batch_size, args.split)
     device = select_device(p.device)
     rank = None
     if distributed.launched():
         rank, device = distributed.join(p.processes, device)
+        if rank.writes and distributed.LAUNCHER_ENV not in os.environ:  # a machine joined with torchrun by hand
+            say_kernel_notes("train")
     else:
-        for note in KERNEL_NOTES:
-            print(f"train: {note}", file=sys.stderr, flush=True)
+        say_kernel_notes("train")
         check_store(resolve_store())  # the record stage needs it: fail now rather than after training
         if p.processes > 1:
             launch(params, device, sys.argv[1:], [args.model, args.log, args.summary])
@@ -108,7 +127,9 @@ def main() -> None:
     train_idx = load_indices(args.split, "train", len(labels))
     val_idx = load_indices(args.split, "val", len(labels))
     if rank is not None:
-        code = [Path(m.__file__) for m in (sys.modules[__name__], training, distributed, digits)]
+        modules = (sys.modules[__name__], training, distributed, digits, sys.modules[Net.__module__], cpu_kernels,
+                   sys.modules["stages"])
+        code = [Path(module.__file__) for module in modules]
         distributed.check_same_inputs(params, [images, labels, train_idx.numpy(), val_idx.numpy()], code)
     x, y = to_tensor(images), torch.from_numpy(labels.astype(np.int64))
     model = Net().to(device)
@@ -135,12 +156,15 @@ def main() -> None:
         on_log=report, on_step=progress.update if writes else lambda: None,
     )
     progress.close()
+    check_learned(result, p)
     if not writes:
         return
     world = f"{rank.world_size} processes ({rank.backend})" if rank else "1 process"
     print(f"End of the training loop! {time.perf_counter() - start:.1f} s on {device.type}, {world}, best val acc "
           f"{100 * result.best_val_acc:.3f}% at iteration {result.best_iteration}")
-    atomic_write_bytes(args.model, state_dict_bytes(result.best_state))
+    weights = state_dict_bytes(result.best_state)
+    atomic_write_bytes(args.model, weights)
+    write_trained_on(args.trained_on, hashlib.sha256(weights).hexdigest())
     atomic_write_text(args.log, log_csv(result.log))
     atomic_write_json(args.summary, {"train": {
         "best_val_acc": round(result.best_val_acc, 6), "best_iteration": result.best_iteration,

@@ -8,7 +8,6 @@ import hashlib
 import importlib
 import json
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -34,9 +33,13 @@ from mnist_pipeline.params import load_params
 from mnist_pipeline.stage_commands import stage_commands
 
 REPO = Path(__file__).resolve().parents[1]
+# The tests talk to nothing but 127.0.0.1 and the data sources they name: no usage reports from DVC or MLflow,
+# in this process or the ones it starts.
+NO_USAGE_REPORTS = {"DVC_NO_ANALYTICS": "1", "DO_NOT_TRACK": "true"}
+os.environ.update(NO_USAGE_REPORTS)
 # The committed bytes are promised where the pinned CPU kernels run (docs/reproducibility.md): tests that compare
 # with them skip elsewhere, saying why.
-UNPINNABLE = cpu_kernels.unpinnable_reason(platform.machine(), cpu_kernels.cpu_flags())
+UNPINNABLE = cpu_kernels.this_cpu_unpinnable()
 needs_pinnable_cpu = pytest.mark.skipif(UNPINNABLE is not None, reason=f"{UNPINNABLE}: the pinned kernels cannot run")
 
 
@@ -232,7 +235,7 @@ def project_env(**extra: str) -> dict[str, str]:
     """This Python's environment first on PATH (DVC runs `python -m stages...`), no inherited tracking settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "MNIST_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return {**env, **GIT_IDENTITY, **extra}
+    return {**env, **NO_USAGE_REPORTS, **GIT_IDENTITY, **extra}
 
 
 def copy_project(dest: Path) -> Path:

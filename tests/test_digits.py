@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import re
 from pathlib import Path
 
 import numpy as np
@@ -92,12 +93,60 @@ def test_whole_numbers_0_255_of_any_numeric_type_are_pixels() -> None:
     (np.zeros((1, 28, 27)), "expected N images of 28x28 pixels, got an array of shape (1, 28, 27)"),
     (np.zeros((2, 1, 28, 28), np.float32), "got an array of shape (2, 1, 28, 28)"),  # the old input
     (np.zeros((1, 28, 28), bool), "expected numbers 0-255, got bool"),
-    (np.full((1, 28, 28), "seven", dtype=object), "expected numbers 0-255, got str"),
+    (np.full((1, 28, 28), "seven", dtype=object), "expected numbers 0-255 (JSON numbers, not text or true/false), "
+                                                  "got str"),
 ])
 def test_bad_pixels_are_refused_in_one_line(values: np.ndarray, message: str) -> None:
     with pytest.raises(DigitError) as info:
         check_pixels(values)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(("value", "kind"), [("255", "str"), (" 7 ", "str"), ("1e2", "str"), (True, "bool")])
+def test_pixels_that_are_not_numbers_are_refused_as_sent(value: object, kind: str) -> None:
+    # numpy would read each as a number (255, 7, 100, 1); a client that sends them has a bug worth hearing about.
+    message = f"inputs[1]: expected numbers 0-255 (JSON numbers, not text or true/false), got {kind}"
+    sent = SEVEN.tolist()
+    sent[5][5] = value
+    with pytest.raises(DigitError, match=re.escape(message)):
+        read_batch([SEVEN.tolist(), sent])  # as JSON gives it: lists
+    as_objects = np.array([SEVEN, SEVEN], dtype=object)
+    as_objects[1, 5, 5] = value
+    with pytest.raises(DigitError, match=re.escape(message.replace("inputs[1]", "pixels"))):
+        read_batch(as_objects)  # as MLflow gives a whole batch: one object array
+
+
+@pytest.mark.parametrize("shade", [0, 255, 128])
+def test_a_blank_pixel_array_is_refused_as_a_blank_image_is(shade: int) -> None:
+    blank = np.full((28, 28), shade, np.uint8)
+    message = f"inputs[1]: no digit found: every pixel is within 32 grey levels of {shade}"
+    with pytest.raises(DigitError, match=re.escape(message)):
+        read_batch(np.stack([SEVEN, blank]))
+    with pytest.raises(DigitError, match=re.escape(message)):
+        read_batch([SEVEN.tolist(), blank.tolist()])
+
+
+def test_base64_with_line_breaks_is_refused_saying_so() -> None:
+    wrapped = base64.encodebytes((EXAMPLES / "0_7.png").read_bytes()).decode()  # what plain `base64` prints
+    assert "\n" in wrapped.strip()
+    with pytest.raises(DigitError, match=re.escape("inputs[0]: base64 text with line breaks inside")):
+        read_batch([wrapped])
+
+
+def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped() -> None:
+    wide = Image.fromarray(np.array([[0, 200, 255, 256, 1000, 30000, 65535]], np.uint16))
+    assert wide.mode == "I;16"
+    assert np.asarray(digits.eight_bit(Image.open(io.BytesIO(encode(wide))))).tolist() == [[0, 1, 1, 1, 4, 117, 255]]
+
+
+@pytest.mark.parametrize("polarity", ["light on dark", "dark on light"])
+def test_a_16_bit_png_is_the_same_digit_as_its_8_bit_original(polarity: str) -> None:
+    big = np.asarray(Image.fromarray(SEVEN).resize((112, 112), Image.Resampling.BICUBIC)).astype(np.uint16) * 257
+    wide = Image.fromarray(big if polarity == "light on dark" else 65535 - big)
+    assert wide.mode == "I;16"
+    pixels = decode_image(encode(wide))
+    assert_mnist_shaped(pixels)
+    assert similarity(pixels, SEVEN) > 0.9
 
 
 def assert_mnist_shaped(pixels: np.ndarray) -> None:

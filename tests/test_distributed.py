@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from mnist_pipeline import cpu_kernels
+from mnist_pipeline import machine
 from mnist_pipeline.model import Net
 from mnist_pipeline.training import share, share_loss
 from tests.conftest import REPO, copy_project, copy_workdir, dvc, free_port, pipeline_commands, project_env
@@ -109,6 +109,38 @@ def ranks_of(pid: int) -> dict[int, int]:
     return found
 
 
+def alive(pid: int) -> bool:
+    """Whether `pid` still runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.slow
+def test_killing_the_stage_ends_its_processes_and_they_write_nothing(pipeline: Path) -> None:
+    # What an OOM killer or a closed terminal does to the stage that launched the job: SIGKILL, no chance to clean up.
+    set_train(pipeline, processes=2, num_threads=1, epochs=1000)
+    before = snapshot(pipeline)
+    process = start_training(pipeline)
+    while (line := process.stdout.readline()) and "Iteration 8 statistics" not in line:
+        pass
+    workers = ranks_of(process.pid)
+    assert len(workers) == 2 and all(alive(pid) for pid in workers.values())
+    process.kill()
+    process.wait()
+    killed = time.monotonic()
+    try:
+        while any(alive(pid) for pid in workers.values()):
+            assert time.monotonic() - killed < 5, "a training process outlived the stage that started it"
+            time.sleep(0.1)
+    finally:
+        for pid in filter(alive, workers.values()):  # an orphan left by a regression would train for hours
+            os.kill(pid, signal.SIGKILL)
+    time.sleep(2)  # what a process still training would have written by now
+    assert snapshot(pipeline) == before
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("sig", "cause"), [(signal.SIGKILL, "was killed by signal SIGKILL"),
                                             (signal.SIGTERM, "failed: interrupted (stopped by signal SIGTERM)")])
@@ -137,6 +169,7 @@ def test_a_rank_that_dies_ends_the_job_in_one_line(pipeline: Path, sig: signal.S
     assert failed.info.status == "FAILED" and failed.info.run_id in error[0]
     assert cause in failed.data.tags["failure"] and failed.data.tags["train.world_size"] == "2"
     assert failed.data.tags["train.backend"] == "gloo" and failed.data.params["train.processes"] == "2"
+    assert {k: v for k, v in failed.data.tags.items() if k.startswith("machine.")} == machine.provenance()
 
 
 # The real params, training shrunk to one epoch (165 iterations of the global batch of 256).

@@ -18,6 +18,7 @@ import mlflow
 import pytest
 import yaml
 
+from mnist_pipeline import machine
 from tests.conftest import (
     REPO, copy_project, copy_workdir, dvc, free_port, get_json, project_env, queue_workers, serving, wait_for_queue,
 )
@@ -242,7 +243,10 @@ def test_run_cache_restores_a_reverted_experiment_without_training(repo: Path) -
     # Nothing was trained, but the workspace holds a result again: it is recorded, pointing at the model's run.
     assert run_count(repo) == before + 1
     assert len(mlflow.MlflowClient().search_model_versions("name = 'mnist-cnn'")) == versions
-    assert "model.run_id" in max(mlflow_runs(repo), key=lambda r: r.info.start_time).data.tags
+    restored = max(mlflow_runs(repo), key=lambda r: r.info.start_time)
+    assert "model.run_id" in restored.data.tags
+    # Its model was trained before the last training here: where is not known, and the run says so.
+    assert {k: v for k, v in restored.data.tags.items() if k.startswith("machine.")} == machine.NOT_KNOWN
 
 
 def test_sigkill_during_training_then_repro_completes(repo: Path) -> None:

@@ -78,6 +78,7 @@ def assert_refused(result: subprocess.CompletedProcess[str], *words: str) -> Non
         (lambda p: p["train"].update(lr=-0.1), "train.lr", "split"),
         (lambda p: p["split"].update(val_fraction=1.5), "split.val_fraction", "split"),
         (lambda p: p["train"].update(batch_size=0), "train.batch_size", "train"),
+        (lambda p: p["train"].update(batch_size=60000), "train.batch_size", "train"),  # over the training split
         (lambda p: p["evaluate"].update(batch_sise=10), "evaluate.batch_sise", "evaluate"),
     ],
 )
@@ -90,6 +91,19 @@ def test_bad_params_change_nothing(done: Path, edit, key: str, stage_name: str) 
     assert_refused(stage(done, stage_name), "params.yaml", key)
     assert snapshot(done) == before
     assert len(runs(done)) == runs_before
+
+
+@pytest.mark.parametrize("lr", [9.9, 1e-9])  # one that blows the weights up, one that moves them nowhere
+def test_a_model_that_did_not_learn_fails_train_and_writes_nothing(done: Path, lr: float) -> None:
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["train"].update(lr=lr, schedule="constant")
+    Path("params.yaml").write_text(yaml.safe_dump(params))
+    before, runs_before = snapshot(done), len(runs(done))
+    result = stage(done, "train")
+    assert_refused(result, "train: the ", "nothing is written", f"look at train.lr ({lr})")
+    assert "did not learn: best validation accuracy" in result.stderr or "diverged: train loss" in result.stderr
+    assert snapshot(done) == before
+    assert len(runs(done)) == runs_before  # nothing recorded, so nothing registered or crowned
 
 
 def damage_header(offset: int, data: bytes):
@@ -272,7 +286,8 @@ def test_disk_full_while_saving_the_model(done: Path, monkeypatch: pytest.Monkey
         run_stage(train.main)
     assert str(info.value.code) == "error: cannot write models/model.pt: No space left on device; it is left as it was"
     assert snapshot(done) == before
-    assert not [p for p in (done / "models").iterdir() if p.name != "model.pt"]
+    written = {done / path for path in STAGE_ARGS["train"][2:]}  # the model, reports and the machine's note
+    assert not [p for p in (done / "models").iterdir() if p not in written]  # no temporary file left
     assert len(runs(done)) == 1  # the pipeline's own: training records nothing
 
     train.main()  # the next run recovers, and training is deterministic: the same bytes again

@@ -14,7 +14,7 @@ import mlflow
 import pytest
 import yaml
 
-from mnist_pipeline import cpu_kernels
+from mnist_pipeline import machine
 from tests.conftest import REPO, copy_project, copy_workdir, dvc, project_env, queue_workers, wait_for_queue
 from tests.test_environment import bump
 
@@ -69,8 +69,8 @@ def test_the_baseline_run_is_complete_and_clean(repo: Path) -> None:
     assert run.info.run_name == "workspace" and run.info.status == "FINISHED"
     assert run.data.tags["git.dirty"] == "false"
     assert run.data.tags["train.device"] == "cpu" and run.data.tags["train.world_size"] == "1"
-    # The machine and kernels it was made with, as tags only: DVC's outputs stay machine-independent.
-    assert {k: v for k, v in run.data.tags.items() if k.startswith("machine.")} == cpu_kernels.provenance()
+    # The machine and kernels it was trained with, as tags only: DVC's outputs stay machine-independent.
+    assert {k: v for k, v in run.data.tags.items() if k.startswith("machine.")} == machine.provenance()
     assert "machine" not in (repo / "reports/train.json").read_text() + (repo / "dvc.lock").read_text()
     assert run.data.metrics["train.world_size"] == 1
     metrics = json.loads((repo / "reports/metrics.json").read_text())["test"]

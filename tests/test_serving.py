@@ -6,6 +6,7 @@ The model comes from a real `dvc repro` on the real data (training shrunk to one
 from __future__ import annotations
 
 import base64
+import io
 import json
 import re
 import subprocess
@@ -112,6 +113,14 @@ def test_bad_requests_get_400_in_one_line_and_the_server_keeps_serving(repo: Pat
         ({"inputs": (images[:2] / 255).tolist()}, "pixels must be whole numbers 0-255"),  # floats scaled by hand
         ({"inputs": [[[300] * 28] * 28]}, "got 300 at image 0, row 0, column 0"),
         ({"inputs": [seven, None]}, "inputs[1]: expected 28x28 pixels or a base64 PNG/JPEG file, got null"),
+        # Pixels that are not JSON numbers, blank pixel arrays and wrapped base64, each refused saying why.
+        *(({"inputs": [[[value] + row[1:] for row in seven]]}, f"expected numbers 0-255 (JSON numbers, not text "
+                                                               f"or true/false), got {kind}")
+          for value, kind in (("255", "str"), (" 7 ", "str"), ("1e2", "str"), (True, "bool"))),
+        ({"inputs": [seven, [[0] * 28] * 28]}, "inputs[1]: no digit found"),
+        ({"inputs": [[[255] * 28] * 28]}, "inputs[0]: no digit found"),
+        ({"inputs": [base64.encodebytes((REPO / "examples/digits/0_7.png").read_bytes()).decode()]},
+         "inputs[0]: base64 text with line breaks inside"),
         ({"inputs": [0] * 10_001}, "inputs: 10001 images is over the limit of 10,000 a request"),
         ({"inputs": []}, "Failed to enforce schema"),  # MLflow's own check, before the model sees it
         ({"dataframe_split": "x"}, "Dataframe split format must be a dictionary"),
@@ -123,6 +132,13 @@ def test_bad_requests_get_400_in_one_line_and_the_server_keeps_serving(repo: Pat
             assert "\n" not in answer["message"] and len(answer["message"]) < 300, answer["message"]
         status, answer = post(server, {"inputs": [seven]})
         assert status == 200 and answer["predictions"][0]["digit"] == labels[0]
+
+    # A 16-bit grayscale PNG, dark ink on light paper: scaled to 8 bits, not clipped to white.
+    big = np.asarray(Image.fromarray(images[0]).resize((112, 112))).astype(np.uint16) * 257
+    png = io.BytesIO()
+    Image.fromarray(65535 - big).save(png, format="PNG")
+    status, answer = post(server, {"inputs": [base64.b64encode(png.getvalue()).decode()]})
+    assert status == 200 and answer["predictions"][0]["digit"] == labels[0]
 
     # The largest batch taken, all 10,000 test images as pixel arrays: answered, as evaluate scored them.
     status, answer = post(server, {"inputs": images.tolist()})
