@@ -6,6 +6,7 @@ import base64
 import os
 import shutil
 import sqlite3
+import sys
 import tempfile
 import urllib.error
 import urllib.parse
@@ -19,6 +20,8 @@ STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 # A run writes about 1 MB (model, figures, reports); refuse well before the disk is full.
 MIN_FREE_BYTES = 64 << 20
+# The tag record puts on a registered version whose files are gone, once it has logged the model again.
+FILES_LOST_TAG = "files_lost"
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
 # What MLflow's client sends to a tracking server, read here too so a bad login fails before training.
 USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"
@@ -87,8 +90,31 @@ def check_store(store: Store, timeout: float = 10) -> None:
         check_server(store.uri, timeout)
         return
     _check_database(store.database)
+    lost = lost_versions(store.database)
+    if lost:  # not an error: record logs a lost model again when a result needs it
+        print(f"store: {len(lost)} registered model version(s) in {store.uri} have lost their files "
+              f"({', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''}; was {store.artifacts} deleted or moved?): "
+              "they cannot be served until a result that needs one is recorded again", file=sys.stderr, flush=True)
     for folder in (store.database.parent, store.artifacts):
         _check_writable(folder, store)
+
+
+def lost_versions(database: Path) -> list[str]:
+    """The registered versions (name/version) whose files in a local artifact folder are gone, not yet replaced."""
+    if not database.exists():
+        return []
+    query = ("SELECT name, version, storage_location FROM model_versions AS v WHERE NOT EXISTS (SELECT 1 FROM "
+             "model_version_tags AS t WHERE t.name = v.name AND t.version = v.version AND t.key = ?)")
+    try:
+        connection = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            rows = connection.execute(query, (FILES_LOST_TAG,)).fetchall()
+        finally:
+            connection.close()
+    except sqlite3.Error:  # a store MLflow has not set up yet has no such tables
+        return []
+    return [f"{name}/{version}" for name, version, location in rows
+            if str(location).startswith("file:") and not Path(urllib.parse.urlparse(location).path).exists()]
 
 
 def check_server(uri: str, timeout: float = 10) -> None:

@@ -11,7 +11,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TypeVar
 
 import mlflow
@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mnist_pipeline import machine
 from mnist_pipeline.params import Params, flatten
-from mnist_pipeline.store import Store, StoreError
+from mnist_pipeline.store import FILES_LOST_TAG, Store, StoreError
 
 T = TypeVar("T")
 
@@ -211,7 +211,22 @@ def find_model_version(name: str, model_sha256: str, code_sha256: str) -> ModelV
         filter_string=(f"name = '{name}' and tags.{MODEL_TAG} = '{model_sha256}' "
                        f"and tags.{CODE_TAG} = '{code_sha256}'"),
     )
-    return min(versions, key=lambda v: int(v.version), default=None)
+    return min((v for v in versions if FILES_LOST_TAG not in v.tags), key=lambda v: int(v.version), default=None)
+
+
+def files_present(name: str, version: str) -> bool:
+    """Whether a registered version's files are in the artifact store: a deleted mlartifacts/ leaves the registry
+    pointing at nothing, and `models:/...` fails to load."""
+    uri = retry_busy(mlflow.MlflowClient().get_model_version_download_uri, name, version)
+    return any(PurePosixPath(a.path).name == "MLmodel" for a in mlflow.artifacts.list_artifacts(artifact_uri=uri))
+
+
+def retire_lost_version(name: str, version: str, replacement: str) -> None:
+    """Mark a version whose files are gone, and take it out of the champion's choice: never served again."""
+    client = mlflow.MlflowClient()
+    retry_busy(client.set_model_version_tag, name, version, FILES_LOST_TAG,
+               f"its files are gone from the artifact store; version {replacement} holds the same model")
+    retry_busy(client.delete_model_version_tag, name, version, VAL_ACC_TAG)
 
 
 def tag_model_version(name: str, version: str, tags: dict[str, str]) -> None:

@@ -167,9 +167,13 @@ def main() -> None:
             mlflow.log_artifacts(str(args.figures), artifact_path="figures")
             registered = params.mlflow.registered_model
             existing = tracking.find_model_version(registered, model_sha256, tags[tracking.CODE_TAG])
-            if existing is None:
+            lost = existing is not None and not tracking.files_present(registered, existing.version)
+            if existing is None or lost:
                 version = log_model(args.model, args.raw, params, tags)
                 origin = "trained here"
+                if lost:  # out of the champion's choice, so an alias on it moves to the new version
+                    tracking.retire_lost_version(registered, existing.version, version)
+                    origin = f"logged again: version {existing.version}, the same model, has lost its files"
                 # What the champion is chosen by: validation accuracy, never the test set's.
                 tracking.retry_busy(mlflow.MlflowClient().set_model_version_tag, registered, version,
                                     tracking.VAL_ACC_TAG, str(summary["best_val_acc"]))

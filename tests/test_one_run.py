@@ -5,7 +5,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -188,10 +191,38 @@ def test_a_corrupt_store_stops_dvc_exp_run_before_training(repo: Path) -> None:
     assert "Iteration" not in result.stdout and "Traceback" not in result.stderr
     # What the README says to do: the bad run's params and DVC's deletions are undone from git and the cache.
     assert not (repo / "models/model.pt").exists()
-    git(repo, "checkout", "--", "params.yaml", "dvc.lock", "reports")
-    dvc(repo, "checkout")
+    for command in readme_recovery():
+        subprocess.run(command, shell=True, cwd=repo, env=project_env(), check=True, capture_output=True)
     assert (repo / "models/model.pt").exists()
     assert "Data and pipelines are up to date." in dvc(repo, "status").stdout
+
+
+def readme_recovery() -> list[str]:
+    """The commands of the README's recovery block ("When something goes wrong"), comments left out."""
+    readme = (REPO / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"^```bash\n(.*?)^```$", readme, re.M | re.S) if "git checkout HEAD --" in b]
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+
+
+def test_the_readme_recovery_after_a_killed_exp_run_restores_the_params_index_included(repo: Path) -> None:
+    process = subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.lr=0.0009"], cwd=repo,
+                               env=project_env(PYTHONUNBUFFERED="1"), stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    while (line := process.stdout.readline()) and "Iteration 100 statistics" not in line:
+        pass
+    assert line, "training never reported"
+    os.killpg(process.pid, signal.SIGKILL)  # DVC and the stage, as a closed terminal does
+    process.wait()
+    assert "params.yaml" in git(repo, "diff", "--cached", "--name-only")  # what the killed run left behind
+
+    for command in readme_recovery():  # the README's words, exactly
+        subprocess.run(command, shell=True, cwd=repo, env=project_env(), check=True, capture_output=True)
+    assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""  # index and files as committed
+    assert "Data and pipelines are up to date." in dvc(repo, "status").stdout
+    # The next experiment runs on the committed params, not on the killed run's lr.
+    dvc(repo, "exp", "run", "-n", "after-kill", "-S", "plot.n_images=10")  # its results land in the workspace
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["train"]["lr"] == BASELINE["train"]["lr"] and params["plot"]["n_images"] == 10
 
 
 def test_dependencies_are_exact(repo: Path) -> None:

@@ -16,12 +16,13 @@ import pytest
 import yaml
 from mlflow.entities import LoggedModelStatus
 
+from mnist_pipeline.data import load_mnist
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.params import load_params
 from mnist_pipeline.store import resolve_store
 from stages import plot, record
 from tests.conftest import REPO, pipeline_commands, project_env, run_pipeline, shrunk_params
-from tests.test_faults import assert_refused, snapshot
+from tests.test_faults import assert_refused, snapshot, stage
 
 MARKER = Path(pipeline_commands()["record"][-1])
 
@@ -103,6 +104,29 @@ def test_a_store_failure_after_training_keeps_the_model_and_fails_the_run(done: 
 
     record_main(monkeypatch)  # once the store is fixed, the same command records the result
     assert runs()[-1].info.status == "FINISHED" and marker.exists()
+
+
+def test_a_registered_version_whose_files_are_gone_is_logged_again_and_uncrowned(done: Path) -> None:
+    # `rm -rf mlartifacts`: the registry still lists version 1, the champion, and `models:/...` cannot load it.
+    mlflow.set_tracking_uri(resolve_store().uri)
+    assert champion()[0] == "1"
+    shutil.rmtree(done / "mlartifacts")
+    (done / MARKER).unlink()
+    checked = stage(done, "record")  # the real stage, as DVC runs it: the store check first, then the record
+    assert checked.returncode == 0, checked.stderr
+    assert "store: 1 registered model version(s) in sqlite:///" in checked.stderr
+    assert "have lost their files (mnist-cnn/1; was " in checked.stderr
+    assert "version 2 (logged again: version 1, the same model, has lost its files)" in checked.stdout
+    assert "mnist-cnn@champion is now version 2" in checked.stdout
+    images, _ = load_mnist(done / "data/raw", "t10k")
+    assert len(mlflow.pyfunc.load_model("models:/mnist-cnn@champion").predict(images[:5])) == 5
+    lost = mlflow.MlflowClient().get_model_version("mnist-cnn", "1")
+    assert "train.best_val_acc" not in lost.tags and "version 2 holds the same model" in lost.tags["files_lost"]
+
+    (done / MARKER).unlink()  # the same result again: version 2 is whole, nothing to say about version 1
+    again = stage(done, "record")
+    assert again.returncode == 0 and "lost their files" not in again.stderr
+    assert "version 2 (same model file as run" in again.stdout and "champion" not in again.stdout
 
 
 def champion() -> tuple[str, float]:
