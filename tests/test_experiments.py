@@ -9,9 +9,11 @@ import csv
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -283,3 +285,41 @@ def test_bad_params_through_dvc_repro_change_nothing(repo: Path) -> None:
     out = dvc(repo, "repro").stdout
     assert "Stage 'train' is cached - skipping run, checking out outputs" in out
     assert_clean(repo)
+
+
+def readme_block(needle: str) -> list[str]:
+    """The commands of the README's bash block holding `needle`, comments left out."""
+    blocks = re.findall(r"^```bash\n(.*?)^```$", (REPO / "README.md").read_text(), re.M | re.S)
+    (block,) = [b for b in blocks if needle in b]
+    return [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+
+
+def test_a_killed_queued_experiment_stops_the_worker_and_the_readme_goes_on(repo: Path) -> None:
+    dvc(repo, "exp", "run", "--queue", "-S", "train.lr=0.0021,0.0022,0.0023")
+    with queue_workers(repo, 1, repo.parent / "queue-start.log"):
+        deadline = time.monotonic() + 300
+        while "Running" not in (status := dvc(repo, "queue", "status").stdout):
+            assert time.monotonic() < deadline, status
+            time.sleep(1)
+        killed = next(line.split()[1] for line in status.splitlines() if "Running" in line)
+        while "Iteration 100 statistics" not in dvc(repo, "queue", "logs", killed).stdout:  # training, as in the issue
+            assert time.monotonic() < deadline
+            time.sleep(1)
+        dvc(repo, "queue", "kill", killed)
+        time.sleep(20)  # what a worker would take to pick up the next one
+        # What the README says happens: the rest wait for a worker, and the killed row shows the baseline's metrics.
+        status = dvc(repo, "queue", "status").stdout
+        assert status.count("Queued") == 2 and "Worker status: 0 active, 0 idle" in status, status
+        rows = exp_table(repo)
+        assert rows[killed]["State"] == "Failed" and rows[killed]["train.lr"] == "0.0021"
+        assert rows[killed]["test.accuracy"] == rows["master"]["test.accuracy"]
+
+        start, hide, remove = readme_block("dvc queue remove --failed")
+        subprocess.run(start, shell=True, cwd=repo, env=project_env(), check=True, capture_output=True)
+        status = wait_for_queue(repo, 600)
+        assert status.count("Success") == 2, status
+        shown = subprocess.run(hide, shell=True, cwd=repo, env=project_env(), check=True, capture_output=True,
+                               text=True).stdout
+        assert killed not in shown and "Failed" not in shown
+        subprocess.run(remove, shell=True, cwd=repo, env=project_env(), check=True, capture_output=True)
+        assert killed not in exp_table(repo)
