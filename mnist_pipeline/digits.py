@@ -74,7 +74,10 @@ def check_pixels(array: np.ndarray, where: str = "pixels") -> np.ndarray:
         raise DigitError(f"{where}: expected numbers 0-255, got {array.dtype}")
     if array.dtype == object:
         check_numbers(array.ravel(), where)
-    values = array.astype(np.float64)
+    try:
+        values = array.astype(np.float64)
+    except OverflowError:  # a JSON integer of hundreds of digits
+        raise DigitError(f"{where}: pixels must be whole numbers 0-255; got a number too large for a float") from None
     bad = ~np.isfinite(values) | (values < 0) | (values > 255) | (values != np.floor(values))
     if bad.any():
         image, row, col = (int(i) for i in np.argwhere(bad)[0])

@@ -94,7 +94,8 @@ def check_store(store: Store, timeout: float = 10) -> None:
     if lost:  # not an error: record logs a lost model again when a result needs it
         print(f"store: {len(lost)} registered model version(s) in {store.uri} have lost their files "
               f"({', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''}; was {store.artifacts} deleted or moved?): "
-              "they cannot be served until a result that needs one is recorded again", file=sys.stderr, flush=True)
+              "they cannot be served; record logs one again when it records its result again (README, When "
+              "something goes wrong)", file=sys.stderr, flush=True)
     for folder in (store.database.parent, store.artifacts):
         _check_writable(folder, store)
 
@@ -103,8 +104,10 @@ def lost_versions(database: Path) -> list[str]:
     """The registered versions (name/version) whose files in a local artifact folder are gone, not yet replaced."""
     if not database.exists():
         return []
-    query = ("SELECT name, version, storage_location FROM model_versions AS v WHERE NOT EXISTS (SELECT 1 FROM "
-             "model_version_tags AS t WHERE t.name = v.name AND t.version = v.version AND t.key = ?)")
+    # MLflow keeps the rows of deleted versions, marked Deleted_Internal; its API no longer shows them.
+    query = ("SELECT name, version, storage_location FROM model_versions AS v WHERE current_stage != "
+             "'Deleted_Internal' AND NOT EXISTS (SELECT 1 FROM model_version_tags AS t WHERE t.name = v.name AND "
+             "t.version = v.version AND t.key = ?)")
     try:
         connection = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=30)
         try:
@@ -113,8 +116,8 @@ def lost_versions(database: Path) -> list[str]:
             connection.close()
     except sqlite3.Error:  # a store MLflow has not set up yet has no such tables
         return []
-    return [f"{name}/{version}" for name, version, location in rows
-            if str(location).startswith("file:") and not Path(urllib.parse.urlparse(location).path).exists()]
+    return [f"{name}/{version}" for name, version, location in rows if str(location).startswith("file:")
+            and not Path(urllib.request.url2pathname(urllib.parse.urlparse(location).path)).exists()]
 
 
 def check_server(uri: str, timeout: float = 10) -> None:

@@ -276,10 +276,12 @@ def crown_champion(store: Store, name: str) -> ModelVersion | None:
         if lock is not None:
             fcntl.flock(lock, fcntl.LOCK_EX)
         versions = retry_busy(client.search_model_versions, filter_string=f"name = '{name}'")
-        scored = [v for v in versions if VAL_ACC_TAG in v.tags]
-        if not scored:
+        scored = sorted((v for v in versions if VAL_ACC_TAG in v.tags),
+                        key=lambda v: (float(v.tags[VAL_ACC_TAG]), int(v.version)), reverse=True)
+        # The best whose files are still there: a deleted artifact folder leaves versions that cannot load.
+        best = next((v for v in scored if files_present(name, v.version)), None)
+        if best is None:
             return None
-        best = max(scored, key=lambda v: (float(v.tags[VAL_ACC_TAG]), int(v.version)))
         # The registered model's aliases: search_model_versions leaves each version's own list empty.
         current = retry_busy(client.get_registered_model, name).aliases.get(CHAMPION)
         if current is not None and str(current) == str(best.version):

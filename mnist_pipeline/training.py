@@ -222,11 +222,11 @@ def check_learned(result: TrainResult, params: TrainParams) -> None:
               f"({params.batch_size}) and train.weight_decay ({params.weight_decay})")
     broken = next((row for row in result.log if not math.isfinite(row.train_loss)), None)
     if broken is not None:
-        raise PipelineError(f"train: the training diverged: train loss {broken.train_loss} at iteration "
+        raise PipelineError(f"the training diverged: train loss {broken.train_loss} at iteration "
                             f"{broken.iteration}; nothing is written; {recipe}")
     if result.best_val_acc < NOT_LEARNED:
         last = result.log[-1]
-        raise PipelineError(f"train: the model did not learn: best validation accuracy "
+        raise PipelineError(f"the model did not learn: best validation accuracy "
                             f"{100 * result.best_val_acc:.2f}% (one digit for everything scores about 11%), train "
                             f"loss {last.train_loss:.4g} at iteration {last.iteration}; nothing is written; {recipe}")
 

@@ -171,12 +171,12 @@ def main() -> None:
             if existing is None or lost:
                 version = log_model(args.model, args.raw, params, tags)
                 origin = "trained here"
-                if lost:  # out of the champion's choice, so an alias on it moves to the new version
-                    tracking.retire_lost_version(registered, existing.version, version)
-                    origin = f"logged again: version {existing.version}, the same model, has lost its files"
                 # What the champion is chosen by: validation accuracy, never the test set's.
                 tracking.retry_busy(mlflow.MlflowClient().set_model_version_tag, registered, version,
                                     tracking.VAL_ACC_TAG, str(summary["best_val_acc"]))
+                if lost:  # once its replacement is in the champion's choice, out of it
+                    tracking.retire_lost_version(registered, existing.version, version)
+                    origin = f"logged again: version {existing.version}, the same model, has lost its files"
             else:
                 version = existing.version
                 origin = f"same model file as run {existing.run_id}"
