@@ -8,6 +8,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -90,6 +91,19 @@ def gzip_folder(src: Path, dest: Path) -> Path:
     for path in src.iterdir():
         (dest / f"{path.name}.gz").write_bytes(gzip.compress(path.read_bytes(), mtime=0))
     return dest
+
+
+def readme_block(needle: str, language: str) -> str:
+    """The one fenced block of README.md in `language` that contains `needle`."""
+    blocks = re.findall(rf"^```{language}\n(.*?)^```$", (REPO / "README.md").read_text(), re.M | re.S)
+    (block,) = [b for b in blocks if needle in b]
+    return block
+
+
+def readme_commands(needle: str) -> list[str]:
+    """The commands of the README's bash block holding `needle`, one a line, comments left out."""
+    lines = (line.split("#")[0].strip() for line in readme_block(needle, "bash").splitlines())
+    return [line for line in lines if line]
 
 
 def shrunk_params(**train: object) -> dict:

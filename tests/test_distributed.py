@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import signal
 import socket
@@ -25,7 +24,9 @@ import yaml
 from mnist_pipeline import machine
 from mnist_pipeline.model import Net
 from mnist_pipeline.training import share, share_loss
-from tests.conftest import REPO, copy_project, copy_workdir, dvc, free_port, pipeline_commands, project_env
+from tests.conftest import (
+    REPO, copy_project, copy_workdir, dvc, free_port, pipeline_commands, project_env, readme_block,
+)
 from tests.test_faults import assert_refused, runs, snapshot, stage
 
 TRAIN_ARGS = pipeline_commands()["train"]
@@ -238,8 +239,7 @@ def test_two_machines_on_127_0_0_1_give_the_bytes_of_one_machine_with_two_proces
                 break
         assert dvc_run.poll() is None and time.monotonic() < deadline, dvc_run.communicate()[0]
         time.sleep(0.2)
-    blocks = re.findall(r"^```bash\n(.*?)^```$", (REPO / "README.md").read_text(), re.M | re.S)
-    (readme,) = [shlex.split(b.replace("\\\n", " ")) for b in blocks if b.startswith("torchrun ")]
+    readme = shlex.split(readme_block("torchrun --nnodes", "bash").replace("\\\n", " "))
     assert readme[readme.index("-m") + 2:] == TRAIN_ARGS  # the README's command is the stage's, as dvc.yaml has it
     launcher = subprocess.run(
         [part.replace("host0:29400", endpoint) for part in readme],

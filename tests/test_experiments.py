@@ -9,7 +9,6 @@ import csv
 import io
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -22,7 +21,8 @@ import yaml
 
 from mnist_pipeline import machine
 from tests.conftest import (
-    REPO, copy_project, copy_workdir, dvc, free_port, get_json, project_env, queue_workers, serving, wait_for_queue,
+    REPO, copy_project, copy_workdir, dvc, free_port, get_json, project_env, queue_workers, readme_commands, serving,
+    wait_for_queue,
 )
 
 pytestmark = pytest.mark.slow
@@ -287,13 +287,6 @@ def test_bad_params_through_dvc_repro_change_nothing(repo: Path) -> None:
     assert_clean(repo)
 
 
-def readme_block(needle: str) -> list[str]:
-    """The commands of the README's bash block holding `needle`, comments left out."""
-    blocks = re.findall(r"^```bash\n(.*?)^```$", (REPO / "README.md").read_text(), re.M | re.S)
-    (block,) = [b for b in blocks if needle in b]
-    return [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
-
-
 def test_a_killed_queued_experiment_stops_the_worker_and_the_readme_goes_on(repo: Path) -> None:
     dvc(repo, "exp", "run", "--queue", "-S", "train.lr=0.0021,0.0022,0.0023")
     with queue_workers(repo, 1, repo.parent / "queue-start.log"):
@@ -314,7 +307,7 @@ def test_a_killed_queued_experiment_stops_the_worker_and_the_readme_goes_on(repo
         assert rows[killed]["State"] == "Failed" and rows[killed]["train.lr"] == "0.0021"
         assert rows[killed]["test.accuracy"] == rows["master"]["test.accuracy"]
 
-        start, hide, remove = readme_block("dvc queue remove --failed")
+        start, hide, remove = readme_commands("dvc queue remove --failed")
         subprocess.run(start, shell=True, cwd=repo, env=project_env(), check=True, capture_output=True)
         status = wait_for_queue(repo, 600)
         assert status.count("Success") == 2, status

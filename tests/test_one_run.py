@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +17,9 @@ import pytest
 import yaml
 
 from mnist_pipeline import machine
-from tests.conftest import REPO, copy_project, copy_workdir, dvc, project_env, queue_workers, wait_for_queue
+from tests.conftest import (
+    REPO, copy_project, copy_workdir, dvc, project_env, queue_workers, readme_commands, wait_for_queue,
+)
 from tests.test_environment import bump
 
 pytestmark = pytest.mark.slow
@@ -193,17 +194,10 @@ def test_a_corrupt_store_stops_dvc_exp_run_before_training(repo: Path) -> None:
     assert "Iteration" not in result.stdout and "Traceback" not in result.stderr
     # What the README says to do: the bad run's params and DVC's deletions are undone from git and the cache.
     assert not (repo / "models/model.pt").exists()
-    for command in readme_recovery():
+    for command in readme_commands("git checkout HEAD --"):
         subprocess.run(command, shell=True, cwd=repo, env=project_env(), check=True, capture_output=True)
     assert (repo / "models/model.pt").exists()
     assert "Data and pipelines are up to date." in dvc(repo, "status").stdout
-
-
-def readme_recovery() -> list[str]:
-    """The commands of the README's recovery block ("When something goes wrong"), comments left out."""
-    readme = (REPO / "README.md").read_text()
-    (block,) = [b for b in re.findall(r"^```bash\n(.*?)^```$", readme, re.M | re.S) if "git checkout HEAD --" in b]
-    return [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
 
 
 def test_the_readme_recovery_after_a_killed_exp_run_restores_the_params_index_included(repo: Path) -> None:
@@ -217,7 +211,7 @@ def test_the_readme_recovery_after_a_killed_exp_run_restores_the_params_index_in
     process.wait()
     assert "params.yaml" in git(repo, "diff", "--cached", "--name-only")  # what the killed run left behind
 
-    for command in readme_recovery():  # the README's words, exactly
+    for command in readme_commands("git checkout HEAD --"):  # the README's words, exactly
         subprocess.run(command, shell=True, cwd=repo, env=project_env(), check=True, capture_output=True)
     assert git(repo, "status", "--porcelain", "--untracked-files=no") == ""  # index and files as committed
     assert "Data and pipelines are up to date." in dvc(repo, "status").stdout

@@ -23,20 +23,13 @@ import yaml
 from PIL import Image
 
 from mnist_pipeline.data import load_mnist
-from tests.conftest import REPO, copy_project, dvc, free_port, get_json, project_env, serving
+from tests.conftest import REPO, copy_project, dvc, free_port, get_json, project_env, readme_block, serving
 
 pytestmark = pytest.mark.slow
 BASELINE = yaml.safe_load((REPO / "params.yaml").read_text())
 BASELINE["train"].update(epochs=1, log_every=100)
 README_PORT = "5001"  # the port the README's commands use; the tests swap in a free one
 EXAMPLE = re.compile(r"examples/digits/(\d+)_(\d)\S*\.(?:png|jpg)")
-
-
-def readme_block(needle: str, language: str) -> str:
-    """The one fenced block of README.md in `language` that contains `needle`."""
-    blocks = re.findall(rf"^```{language}\n(.*?)^```$", (REPO / "README.md").read_text(), re.M | re.S)
-    (block,) = [b for b in blocks if needle in b]
-    return block
 
 
 def post(url: str, body: object) -> tuple[int, dict]:
