@@ -11,6 +11,7 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,11 +110,8 @@ def lost_versions(database: Path) -> list[str]:
              "'Deleted_Internal' AND NOT EXISTS (SELECT 1 FROM model_version_tags AS t WHERE t.name = v.name AND "
              "t.version = v.version AND t.key = ?)")
     try:
-        connection = sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=30)
-        try:
+        with closing(_read_only(database)) as connection:
             rows = connection.execute(query, (FILES_LOST_TAG,)).fetchall()
-        finally:
-            connection.close()
     except sqlite3.Error:  # a store MLflow has not set up yet has no such tables
         return []
     return [f"{name}/{version}" for name, version, location in rows if str(location).startswith("file:")
@@ -164,6 +162,11 @@ def _check_login(uri: str, timeout: float) -> None:
                      "to your account on it (an admin creates it)") from None
 
 
+def _read_only(database: Path) -> sqlite3.Connection:
+    """The store's SQLite file opened read-only, waiting up to 30 s for a writer."""
+    return sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=30)
+
+
 def _check_database(path: Path) -> None:
     if not path.exists():
         return  # MLflow creates it on first use
@@ -172,11 +175,8 @@ def _check_database(path: Path) -> None:
                          "at another store")
     what_to_do = f"move {path} aside (MLflow starts a new one) or restore it from a backup"
     try:
-        connection = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=30)
-        try:
+        with closing(_read_only(path)) as connection:
             problems = [row[0] for row in connection.execute("PRAGMA quick_check")]
-        finally:
-            connection.close()
     except sqlite3.DatabaseError as err:
         raise StoreError(f"MLflow store {path}: {err}; {what_to_do}") from None
     if problems != ["ok"]:
