@@ -221,6 +221,43 @@ def test_the_readme_recovery_after_a_killed_exp_run_restores_the_params_index_in
     assert params["train"]["lr"] == BASELINE["train"]["lr"] and params["plot"]["n_images"] == 10
 
 
+# Runs in its own mount namespace (`unshare -rm`): the repo is moved onto a small tmpfs, which a filler file then
+# fills to the last byte; the namespace, and the tmpfs with it, end with the script.
+DISK_FULL = """
+set -eu
+mount -t tmpfs -o size=512m tmpfs "$DISK"
+mkdir "$DISK/repo" && cp -a "$REPO/." "$DISK/repo/" && mount --bind "$DISK/repo" "$REPO" && cd "$REPO"
+cat /dev/zero > "$DISK/filler" 2>/dev/null || true
+"$PYTHON" -m dvc exp run -S train.lr=0.0011 > "$OUT/full.log" 2>&1 || echo $? > "$OUT/full.rc"
+rm "$DISK/filler"
+eval "$RECOVERY"
+git status --porcelain > "$OUT/status"
+"$PYTHON" -m dvc status > "$OUT/dvc-status"
+"$PYTHON" -m dvc exp run -S plot.n_images=10 > "$OUT/next.log" 2>&1
+cp params.yaml "$OUT/params.yaml"
+"""
+
+
+def test_the_readme_recovery_after_dvc_met_a_full_disk(repo: Path, tmp_path: Path) -> None:
+    (disk := tmp_path / "disk").mkdir()
+    (out := tmp_path / "out").mkdir()
+    recovery = "\n".join(readme_commands("git checkout HEAD --"))  # the README's words, exactly
+    result = subprocess.run(["unshare", "-rm", "bash", "-c", DISK_FULL], capture_output=True, text=True,
+                            env=project_env(DISK=str(disk), REPO=str(repo), OUT=str(out), PYTHON=sys.executable,
+                                            RECOVERY=recovery))
+    assert result.returncode == 0, f"{result.stderr}\n{(out / 'next.log').read_text() if (out / 'next.log').exists() else ''}"
+    full = (out / "full.log").read_text()
+    assert (out / "full.rc").read_text().strip() != "0" and "Iteration" not in full
+    # DVC failed before any stage ran, with one of the messages the README names.
+    message = next(line for line in full.splitlines() if line.startswith("ERROR: "))
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert message in readme, full
+    assert (out / "status").read_text() == ""  # index, files and DVC's leftovers as committed
+    assert "Data and pipelines are up to date." in (out / "dvc-status").read_text()
+    params = yaml.safe_load((out / "params.yaml").read_text())  # the next experiment ran on the committed lr
+    assert params["train"]["lr"] == BASELINE["train"]["lr"] and params["plot"]["n_images"] == 10
+
+
 def test_dependencies_are_exact(repo: Path) -> None:
     def changed_stages() -> set[str]:
         return set(json.loads(dvc(repo, "status", "--json").stdout))

@@ -34,7 +34,9 @@ from mnist_pipeline.digits import to_tensor
 from mnist_pipeline.model import Net
 from mnist_pipeline.store import StoreError, check_store, resolve_store
 from mnist_pipeline.training import load_state_dict
-from tests.conftest import REPO, copy_project, copy_workdir, dvc, free_port, project_env, queue_workers, wait_for_queue
+from tests.conftest import (
+    REPO, copy_project, copy_workdir, dvc, free_port, project_env, queue_workers, readme_commands, wait_for_queue,
+)
 
 pytestmark = pytest.mark.slow
 BASELINE = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -325,6 +327,47 @@ def test_experiment_made_before_the_remote_existed_needs_dash_r(baseline: Path, 
     dvc(teammate, "exp", "apply", "plots-4")
     assert (teammate / "models/model.pt").read_bytes() == (mine / "models/model.pt").read_bytes()
     assert status(teammate) == MARKER_ONLY  # the teammate's `dvc repro` would train nothing
+
+
+def test_an_experiment_pushed_without_its_data_then_the_readme_ways_on(baseline: Path, tmp_path: Path) -> None:
+    store = tmp_path / "shared-folder"
+    mine = copy_workdir(baseline, tmp_path / "mine")
+    use_remote(mine, str(store))
+    git(tmp_path, "init", "-q", "--bare", "origin.git")  # this test's own origin: its experiment is no other's
+    git(mine, "remote", "set-url", "origin", str(tmp_path / "origin.git"))
+    git(mine, "push", "-q", "origin", "HEAD:refs/heads/main")
+    git(tmp_path / "origin.git", "symbolic-ref", "HEAD", "refs/heads/main")
+    dvc(mine, "push")
+    dvc(mine, "exp", "run", "-n", "lr-12", "-S", "train.lr=0.0012")
+    dvc(mine, "exp", "push", "--no-cache", "origin", "lr-12")
+    lock = git(mine, "show", f"{name_ref(mine, 'lr-12')}:dvc.lock")
+
+    teammate = clone(mine, tmp_path / "teammate")
+    use_remote(teammate, str(store))
+    dvc(teammate, "pull")
+    pulled = dvc(teammate, "exp", "pull", "origin", "lr-12")  # exits 0, with DVC's warning as the README shows it
+    warning = "WARNING: Some of the cache files do not exist neither locally nor on remote. Missing cache files:"
+    assert warning in pulled.stderr and f"md5: {model_md5(lock)}" in pulled.stderr
+    assert warning in (REPO / "README.md").read_text()
+    applied = subprocess.run([sys.executable, "-m", "dvc", "exp", "apply", "lr-12"], cwd=teammate,
+                             env=project_env(), capture_output=True, text=True)
+    lines = applied.stderr.splitlines()
+    assert applied.returncode != 0 and lines[0] == "ERROR: Checkout failed for following targets:", applied.stderr
+    assert "models/model.pt" in lines
+    assert not (teammate / "models/model.pt").exists()
+
+    # One way on: `dvc repro` trains it again, to the bytes DVC records for the experiment.
+    assert (teammate / "dvc.lock").read_text() == lock  # as `exp apply` left it
+    assert "Running stage 'train'" in dvc(teammate, "repro").stdout
+    assert (teammate / "dvc.lock").read_text() == lock
+    # The other: its author pushes the data, and a teammate's pull and apply find everything.
+    pull_and_apply = readme_commands("dvc exp pull origin <exp> && dvc exp apply <exp>")
+    dvc(mine, *pull_and_apply[0].replace("<exp>", "lr-12").split()[1:])
+    other = clone(mine, tmp_path / "other")
+    use_remote(other, str(store))
+    dvc(other, "pull")
+    run(["bash", "-c", pull_and_apply[1].replace("<exp>", "lr-12")], other)
+    assert (other / "models/model.pt").read_bytes() == (teammate / "models/model.pt").read_bytes()
 
 
 def name_ref(clone: Path, name: str) -> str:
