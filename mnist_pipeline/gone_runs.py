@@ -1,11 +1,16 @@
-"""List (and with --delete, delete restorably) the MLflow runs whose DVC experiment no longer exists.
+"""List (and with --delete, delete restorably) the MLflow runs whose DVC experiment no longer exists anywhere.
 
-Run it in the repo root: python -m mnist_pipeline.gone_runs [--delete]
+Run it in the repo root: python -m mnist_pipeline.gone_runs [--delete]. An experiment exists while this
+clone lists it (`dvc exp list -A`) or a git remote holds its ref (what `dvc exp push` sends), so a
+teammate's experiment that this clone never pulled is not gone. Only this account's runs are touched
+unless --all-accounts says otherwise; a tracking server is only touched with --team-server.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
+import os
 import subprocess
 import sys
 import time
@@ -15,7 +20,8 @@ import mlflow
 from mnist_pipeline import tracking
 from mnist_pipeline.errors import PipelineError, run_stage
 from mnist_pipeline.params import load_params
-from mnist_pipeline.store import resolve_store
+from mnist_pipeline.recording import NAMES_TAG
+from mnist_pipeline.store import USERNAME_ENV, resolve_store
 
 GONE_NOTE = (
     "DVC experiment `{name}` no longer exists (removed with `dvc exp remove`, or it failed in a temporary "
@@ -23,8 +29,8 @@ GONE_NOTE = (
 )
 
 
-def dvc_experiments() -> set[tuple[str, str]]:
-    """(baseline commit, name) of every DVC experiment of every commit in this repo (`dvc exp list -A`).
+def local_experiments() -> set[tuple[str, str]]:
+    """(baseline commit, name) of every DVC experiment of every commit in this clone (`dvc exp list -A`).
 
     DVC keeps experiment names per baseline commit: the same name on another baseline is another experiment.
     """
@@ -44,11 +50,43 @@ def dvc_experiments() -> set[tuple[str, str]]:
     return found
 
 
-def gone_runs(experiment_id: str, experiments: set[tuple[str, str]], min_age_s: float) -> list[mlflow.entities.Run]:
-    """Finished runs of a DVC experiment that `dvc exp list` no longer knows (workspace runs are never gone).
+def remote_experiments() -> set[tuple[str, str]]:
+    """(baseline commit, name) of the experiments every git remote holds: refs/exps/<sha[:2]>/<sha[2:]>/<name>."""
+    found = set()
+    for remote in (tracking.git("remote") or "").split():
+        listed = subprocess.run(["git", "ls-remote", remote, "refs/exps/*"], capture_output=True, text=True,
+                                check=False, timeout=120)
+        if listed.returncode != 0:
+            why = (listed.stderr.strip().splitlines() or ["no answer"])[-1]
+            raise PipelineError(f"git remote {remote!r} did not list its experiments ({why}), so nothing is marked "
+                                "gone: a teammate's experiment there would look gone; retry when it answers")
+        for line in listed.stdout.splitlines():
+            parts = line.split("\t")[-1].split("/")
+            if len(parts) == 5 and parts[:2] == ["refs", "exps"]:
+                found.add((parts[2] + parts[3], parts[4]))
+    return found
+
+
+def recorded_names(run: mlflow.entities.Run) -> set[tuple[str, str]]:
+    """The (baseline or commit, name) pairs a run's result was recorded under."""
+    tags = run.data.tags
+    names = {tuple(line.split(" ", 1)) for line in tags.get(NAMES_TAG, "").splitlines() if " " in line}
+    if "dvc.exp_name" in tags:
+        names.add((tags.get("dvc.exp_baseline_rev", ""), tags["dvc.exp_name"]))
+    return names
+
+
+def account_of(run: mlflow.entities.Run) -> str:
+    """Who recorded a run: the tracking server login, else the computer's user."""
+    return run.data.tags.get(tracking.ACCOUNT_TAG) or run.data.tags.get("mlflow.user", "")
+
+
+def gone_runs(experiment_id: str, experiments: set[tuple[str, str]], min_age_s: float,
+              account: str | None) -> list[mlflow.entities.Run]:
+    """Finished runs none of whose DVC names exists any more (a result also recorded in a workspace never is).
 
     A run still RUNNING, or ended less than `min_age_s` ago, is left alone: DVC commits an experiment only
-    after its last stage, so a queue may still be about to list it.
+    after its last stage, so a queue may still be about to list it. With `account`, only that account's runs.
     """
     runs = tracking.retry_busy(
         mlflow.search_runs, experiment_ids=[experiment_id], filter_string="tags.`dvc.exp_name` != ''",
@@ -58,7 +96,9 @@ def gone_runs(experiment_id: str, experiments: set[tuple[str, str]], min_age_s: 
     return [
         run for run in runs
         if run.info.status != "RUNNING" and (run.info.end_time or 0) < settled
-        and (run.data.tags.get("dvc.exp_baseline_rev", ""), run.data.tags["dvc.exp_name"]) not in experiments
+        and (account is None or account_of(run) == account)
+        and not any(name == tracking.WORKSPACE_RUN_NAME for _, name in recorded_names(run))
+        and not recorded_names(run) & experiments
     ]
 
 
@@ -68,24 +108,34 @@ def main() -> None:
                         help="delete them as MLflow does (restorable: `mlflow runs restore --run-id ID`)")
     parser.add_argument("--min-age", type=float, default=120, metavar="SECONDS",
                         help="leave alone runs that ended less than this long ago (a queue may be about to list them)")
+    parser.add_argument("--all-accounts", action="store_true",
+                        help="also the runs other accounts recorded (by default only this account's)")
+    parser.add_argument("--team-server", action="store_true",
+                        help="allow a tracking server (MLFLOW_TRACKING_URI=http...): the whole team's runs are there")
     args = parser.parse_args()
     params = load_params()
     store = resolve_store()
-    experiments = dvc_experiments()
+    if store.database is None and not args.team_server:
+        raise PipelineError(f"{store.uri} is a tracking server, which holds the whole team's runs: rerun with "
+                            "--team-server to mark (or with --delete, delete) the gone ones of this account there")
+    experiments = local_experiments() | remote_experiments()
+    account = None if args.all_accounts else os.environ.get(USERNAME_ENV) or getpass.getuser()
     with tracking.store_errors(store, "fix the store and run this again"):
         experiment_id = tracking.configure(store, params.mlflow.experiment)
         client = mlflow.MlflowClient()
-        runs = gone_runs(experiment_id, experiments, args.min_age)
+        runs = gone_runs(experiment_id, experiments, args.min_age, account)
         for run in runs:
             name = run.data.tags["dvc.exp_name"]
             # The note said `dvc exp apply <name>`: say instead that the experiment is gone.
-            tracking.retry_busy(client.set_tag, run.info.run_id, "mlflow.note.content", GONE_NOTE.format(name=name))
-            tracking.retry_busy(client.set_tag, run.info.run_id, "dvc.exp_gone", "true")
+            tracking.retry_busy(client.log_batch, run.info.run_id, tags=[
+                mlflow.entities.RunTag("mlflow.note.content", GONE_NOTE.format(name=name)),
+                mlflow.entities.RunTag("dvc.exp_gone", "true")])
             if args.delete:
                 tracking.retry_busy(client.delete_run, run.info.run_id)
             print(f"{run.info.run_id}  {name}  {run.info.status}{'  deleted' if args.delete else ''}")
     verb = "deleted (restore one with `mlflow runs restore --run-id ID`)" if args.delete else "found"
-    print(f"{len(runs)} run(s) of gone DVC experiments {verb} in {store.uri}", file=sys.stderr)
+    whose = "any account's" if account is None else f"account {account!r}'s"
+    print(f"{len(runs)} of {whose} run(s) of gone DVC experiments {verb} in {store.uri}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,14 @@ from typing import TypeVar
 
 import mlflow
 import requests
-from mlflow.entities import LoggedModelStatus, Metric
+from mlflow.entities import LoggedModelStatus
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 
 from mnist_pipeline import machine
 from mnist_pipeline.params import Params, flatten
-from mnist_pipeline.store import FILES_LOST_TAG, Store, StoreError
+from mnist_pipeline.store import FILES_LOST_TAG, USERNAME_ENV, Store, StoreError
 
 T = TypeVar("T")
 
@@ -37,6 +37,8 @@ CODE_TAG = "served_code_sha256"
 # README), but earlier UIs and MLflow's own search read this tag.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 WORKSPACE_RUN_NAME = "workspace"
+# The tracking server login that recorded a run (MLflow's own mlflow.user is the computer's user).
+ACCOUNT_TAG = "account"
 # The registry alias `mlflow models serve -m models:/mnist-cnn@champion` serves, and what it is chosen by.
 CHAMPION = "champion"
 VAL_ACC_TAG = "train.best_val_acc"
@@ -63,7 +65,9 @@ def store_errors(store: Store, retry: str) -> Iterator[None]:
         yield
     except STORE_ERRORS as err:
         lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
-        raise StoreError(f"MLflow store {store.uri}: {lines[0][:300]}; {retry}") from None
+        # MLflow lists failed downloads after a heading ("... from <uri>:"), each file under a "##### File" line.
+        cause = next((line for line in lines[1:] if not line.startswith("#")), "") if lines[0].endswith(":") else ""
+        raise StoreError(f"MLflow store {store.uri}: {f'{lines[0]} {cause}'.strip()[:300]}; {retry}") from None
 
 
 def configure(store: Store, experiment: str) -> str:
@@ -141,6 +145,8 @@ def run_tags(outputs: list[Path]) -> dict[str, str]:
         tags["mlflow.note.content"] = f"`dvc repro` in the workspace at commit `{commit[:7] or 'none'}`."
     if baseline:
         tags["dvc.exp_baseline_rev"] = baseline
+    if os.environ.get(USERNAME_ENV):
+        tags[ACCOUNT_TAG] = os.environ[USERNAME_ENV]
     return tags
 
 
@@ -186,13 +192,6 @@ def _fail_pending_models(run: mlflow.ActiveRun) -> None:
         pass
 
 
-def log_metric_batch(run_id: str, metrics: list[Metric]) -> None:
-    """Log metrics in requests of at most 1,000, MLflow's limit for one batch."""
-    client = mlflow.MlflowClient()
-    for start in range(0, len(metrics), 1000):
-        retry_busy(client.log_batch, run_id, metrics=metrics[start : start + 1000])
-
-
 def flat_metrics(report: dict[str, object], prefix: str = "") -> dict[str, float]:
     """A nested metrics file's numbers under the names `dvc metrics show` prints: test.accuracy, ..."""
     flat: dict[str, float] = {}
@@ -229,12 +228,10 @@ def retire_lost_version(name: str, version: str, replacement: str) -> None:
     retry_busy(client.delete_model_version_tag, name, version, VAL_ACC_TAG)
 
 
-def tag_model_version(name: str, version: str, tags: dict[str, str]) -> None:
-    """Tie a registered model version to its model file, DVC experiment and git commit."""
-    client = mlflow.MlflowClient()
-    for key in (MODEL_TAG, CODE_TAG, "dvc.exp_name", "dvc.exp_baseline_rev", "mlflow.source.git.commit"):
-        if key in tags:
-            retry_busy(client.set_model_version_tag, name, version, key.removeprefix("mlflow.source."), tags[key])
+def version_tags(run_tags: dict[str, str]) -> dict[str, str]:
+    """The tags that tie a registered model version to its model file, DVC experiment and git commit."""
+    keys = (MODEL_TAG, CODE_TAG, "dvc.exp_name", "dvc.exp_baseline_rev", "mlflow.source.git.commit")
+    return {key.removeprefix("mlflow.source."): run_tags[key] for key in keys if key in run_tags}
 
 
 def record_failed_training(store: Store, params: Params, outputs: list[Path], cause: str, device: str,

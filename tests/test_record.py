@@ -18,6 +18,7 @@ from mlflow.entities import LoggedModelStatus
 
 from mnist_pipeline.data import load_mnist
 from mnist_pipeline.errors import run_stage
+from mnist_pipeline import recording
 from mnist_pipeline.params import load_params
 from mnist_pipeline.store import resolve_store
 from stages import plot, record
@@ -100,7 +101,7 @@ def test_a_store_failure_after_training_keeps_the_model_and_fails_the_run(done: 
     assert failed.info.status == "FAILED"
     models = mlflow.search_logged_models(experiment_ids=[failed.info.experiment_id], output_format="list",
                                          filter_string=f"source_run_id = '{failed.info.run_id}'")
-    assert [m.status for m in models] == ([LoggedModelStatus.FAILED] if broken == "model upload" else [])
+    assert [m.status for m in models] == [LoggedModelStatus.FAILED]  # the model, logged first, is not left PENDING
 
     record_main(monkeypatch)  # once the store is fixed, the same command records the result
     assert runs()[-1].info.status == "FINISHED" and marker.exists()
@@ -123,10 +124,15 @@ def test_a_registered_version_whose_files_are_gone_is_logged_again_and_uncrowned
     lost = mlflow.MlflowClient().get_model_version("mnist-cnn", "1")
     assert "train.best_val_acc" not in lost.tags and "version 2 holds the same model" in lost.tags["files_lost"]
 
-    (done / MARKER).unlink()  # the same result again: version 2 is whole, nothing to say about version 1
+    # One run for the result: the one whose model cannot load is deleted (restorably), its replacement stays.
+    (kept,) = runs()
+    assert kept.data.tags["model.version"] == "mnist-cnn/2" and "lost its model files: deleted" in checked.stdout
+
+    (done / MARKER).unlink()  # the same result again: recorded already, version 2 is whole
     again = stage(done, "record")
     assert again.returncode == 0 and "lost their files" not in again.stderr
-    assert "version 2 (same model file as run" in again.stdout and "champion" not in again.stdout
+    assert again.stdout == f"record: already recorded as run 'workspace' ({kept.info.run_id}) in {resolve_store().uri}\n"
+    assert [r.info.run_id for r in runs()] == [kept.info.run_id]
 
 
 def champion() -> tuple[str, float]:
@@ -212,13 +218,12 @@ def test_the_served_config_is_part_of_what_a_registered_version_is() -> None:
     from mnist_pipeline.served_model import DESKEW
 
     params = load_params(REPO / "params.yaml")
-    config = record.served_config(params)
+    config = recording.served_config(params)
     assert set(config) == {DESKEW}  # the key the served model reads
-    deskewed = record.served_config(replace(params, train=replace(params.train, deskew=not params.train.deskew)))
-    assert record.served_code_sha256(config) != record.served_code_sha256(deskewed)
-    assert record.served_code_sha256(config) == record.served_code_sha256(dict(config))
+    deskewed = recording.served_config(replace(params, train=replace(params.train, deskew=not params.train.deskew)))
+    assert recording.served_code_sha256(config) != recording.served_code_sha256(deskewed)
     # Without importing torch: a plot-only result's record stage must not pay for it (README, Performance).
-    check = ("import sys, stages.record as r; from mnist_pipeline.params import load_params; "
+    check = ("import sys, stages.record, mnist_pipeline.recording as r; from mnist_pipeline.params import load_params; "
              "r.served_code_sha256(r.served_config(load_params())); r.trained_on(r.Path('models/.trained-on.json'), "
              "'a'); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", check], cwd=REPO, capture_output=True, text=True, check=True)

@@ -461,6 +461,16 @@ def test_two_machines_share_one_remote_and_one_tracking_server(baseline: Path, s
     assert len(set(models.values())) == 3 and all(in_cache(third, md5) for md5 in models.values())
     dvc(third, "exp", "apply", "bob-lr-0003")
     assert status(third) == MARKER_ONLY  # bob's model is here: nothing to train
+    # ... and nothing to record: bob's run is that result's run (alice's repro only adds the workspace's name).
+    out = dvc(third, "repro", **team.env("alice")).stdout
+    assert "Running stage 'train'" not in out and "record: already recorded as run 'bob-lr-0003' (" in out
+    # A fresh clone's pull and repro: the first machine's result, recorded once already.
+    fourth = clone(baseline, tmp_path / "fourth")
+    use_ssh(fourth, sshd, store)
+    dvc(fourth, "pull", HOME=home)
+    out = dvc(fourth, "repro", **team.env("bob")).stdout
+    assert "record: already recorded as run 'workspace' (" in out
+    assert "Data and pipelines are up to date." in dvc(fourth, "status").stdout
 
     # MLflow: one run per experiment, from both machines, with curves, figures and a model version each.
     for key, value in team.env("admin").items():
@@ -470,6 +480,7 @@ def test_two_machines_share_one_remote_and_one_tracking_server(baseline: Path, s
     experiment = client.get_experiment_by_name("mnist")
     runs = {r.info.run_name: r for r in client.search_runs([experiment.experiment_id])}
     assert sorted(runs) == sorted([*names, "workspace"])  # the solo machine's result, and each experiment's
+    assert runs["bob-lr-0003"].data.tags["dvc.names"].splitlines()[1].endswith(" workspace")  # the apply + repro
     versions = {v.run_id: v for v in client.search_model_versions("name = 'mnist-cnn'")}
     print(f"two machines: {len(runs)} MLflow runs, {len(versions)} versions of mnist-cnn")
     assert len(versions) == 4
@@ -499,6 +510,21 @@ def test_two_machines_share_one_remote_and_one_tracking_server(baseline: Path, s
     answer = served.predict(pixels)
     np.testing.assert_array_equal(answer["digit"].to_numpy(), expected.argmax(1))
     np.testing.assert_allclose(np.stack(answer["probabilities"]), expected, rtol=1e-4, atol=1e-6)
+
+    # Gone runs from bob's clone, which never pulled alice's grid: her experiments are on git's origin, not gone.
+    gone = [sys.executable, "-m", "mnist_pipeline.gone_runs", "--delete", "--min-age", "0"]
+    refused = subprocess.run(gone, cwd=b, env=project_env(**team.env("bob")), capture_output=True, text=True)
+    assert refused.returncode == 1 and refused.stderr.startswith(f"error: {team.url} is a tracking server")
+    for extra in ([], ["--all-accounts"], ["--all-accounts"]):  # the second time the same: nothing
+        done = run([*gone, "--team-server", *extra], b, **team.env("bob"))
+        assert done.stdout == "" and done.stderr.startswith("0 of "), done.stderr
+    dvc(a, "exp", "remove", "-g", "origin", grid[0])  # alice removes one of hers, from origin
+    dvc(a, "exp", "remove", grid[0])  # and from her clone
+    done = run([*gone, "--team-server"], b, **team.env("bob"))
+    assert done.stdout == ""  # bob's account does not delete alice's run
+    done = run([*gone, "--team-server"], a, **team.env("alice"))
+    assert done.stdout.split() == [runs[grid[0]].info.run_id, grid[0], "FINISHED", "deleted"]
+    assert client.get_run(runs[grid[0]].info.run_id).info.lifecycle_stage == "deleted"
 
     # A safe clean-up keeps every commit's and experiment's data; -w alone keeps only the workspace's.
     main_model = model_md5((baseline / "dvc.lock").read_text())

@@ -26,7 +26,8 @@ WRITER = textwrap.dedent("""
     with tracking.tracked_run(experiment_id=experiment) as run:
         tracking.retry_busy(mlflow.log_params, {"writer": "{name}"})
         for step in range(150):
-            tracking.log_metric_batch(run.info.run_id, [Metric("a", step, 0, step), Metric("b", 2 * step, 0, step)])
+            tracking.retry_busy(mlflow.MlflowClient().log_batch, run.info.run_id,
+                                metrics=[Metric("a", step, 0, step), Metric("b", 2 * step, 0, step)])
 """)
 
 
