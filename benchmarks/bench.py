@@ -38,6 +38,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from benchmarks.pipeline_times import pipeline_times
+from benchmarks.record_vs_base import DEFAULT_BASE, live_curves_cost, record_comparison
 from mnist_pipeline import cpu_kernels
 from mnist_pipeline.data import load_mnist
 from mnist_pipeline.digits import deskew, to_tensor
@@ -50,7 +51,7 @@ from mnist_pipeline.training import load_state_dict, make_deterministic, predict
 STAGES = ("download", "split", "train", "evaluate", "plot", "record")
 # The report's sections, in the order they run; `--only` takes any of them.
 SECTIONS = ("throughput", "ddp", "kernel_pins", "default_recipe", "fast_recipe", "peer_recipe", "record_s",
-            "team_server", "evaluate_10k_s", "serving", "startup_s", "pipeline", "noop_dvc_repro_s", "gpu_epoch_s")
+            "record", "live_curves", "team_server", "evaluate_10k_s", "serving", "startup_s", "pipeline", "noop_dvc_repro_s", "gpu_epoch_s")
 # The README's fast recipe (section Parameters): the overrides of its `dvc exp run -S` line, which a test checks
 # against this. Chosen by time to 99.0% test accuracy among about 25 recipes tried on 2 cores (2-5 epochs, batch
 # 64-512, peak lr 0.005-0.03, Adam or SGD, shifts of 0 or 1 pixel, deskewing or not). It names Adam without weight
@@ -552,6 +553,8 @@ def main() -> None:
     parser.add_argument("--serve-requests", type=positive_int, default=300, help="single-image requests to the server")
     parser.add_argument("--pin-samples", type=positive_int, default=42_000, help="samples of each kernel pins' turn")
     parser.add_argument("--pin-repeats", type=positive_int, default=9, help="turns of the kernel pins' cost")
+    parser.add_argument("--base", default=DEFAULT_BASE,
+                        help="the commit the record section compares this checkout with (default %(default)s)")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, metavar="SECTION",
                         help=f"measure these alone, keeping the other sections of --out: {', '.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=Path("reports/benchmark.json"))
@@ -586,6 +589,8 @@ def main() -> None:
         "peer_recipe": lambda: peer_time_to_accuracy(data, params.seed, params.train.num_threads, 0.99, 100,
                                                      args.peer_budget_s),
         "record_s": lambda: recording_seconds(args.repeats),
+        "record": lambda: record_comparison(args.base, args.repeats),
+        "live_curves": lambda: live_curves_cost(args.repeats),
         "team_server": lambda: team_server_ratio(args.repeats),
         "evaluate_10k_s": lambda: evaluation_seconds(data, params),
         "serving": lambda: serving_rates(test_images, Path("models/model.pt"), params.train.num_threads,
@@ -651,6 +656,8 @@ def print_table(report: dict) -> None:
         ("record stage, a model already registered", f"{k['known_model_s']} s"),
         ("tracking overhead, (training + record) / training",
          f"{(r['train_seconds'] + k['new_model_s']) / r['train_seconds']:.3f}"),
+        *record_rows(report.get("record")),
+        *live_curves_rows(report.get("live_curves")),
         *team_server_rows(report["team_server"]),
         ("evaluate 10,000 test images", f"{report['evaluate_10k_s']} s"),
         *serving_rows(report["serving"]),
@@ -663,6 +670,44 @@ def print_table(report: dict) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+
+
+def live_curves_rows(live: dict | None) -> list[tuple[str, str]]:
+    if live is None:
+        return [("train stage with its live MLflow run / without", "n/a (not measured in this report)")]
+    return [(f"train stage ({live['epochs']} epoch) with its live MLflow run / without, loop",
+             f"{live['loop']['on_s']} s / {live['loop']['off_s']} s = {live['loop']['ratio']}x "
+             f"({live['loop']['ratio_min']}-{live['loop']['ratio_max']})"),
+            ("  the whole stage", f"{live['stage']['on_s']} s / {live['stage']['off_s']} s = {live['stage']['ratio']}x "
+                                  f"({live['stage']['ratio_min']}-{live['stage']['ratio_max']})")]
+
+
+def record_rows(record: dict | None) -> list[tuple[str, str]]:
+    """This checkout's record against the base commit's, each a median of pairs (ratio: now / base)."""
+    if record is None:
+        return [("record, this checkout / base commit", "n/a (not measured in this report)")]
+
+    def row(what: str, pair: dict) -> tuple[str, str]:
+        return (f"  {what}", f"{pair['now_s']} s / {pair['base_s']} s = {pair['ratio']}x "
+                             f"({pair['ratio_min']}-{pair['ratio_max']})")
+
+    rows = [(f"record, this checkout / {record['base']} (medians of pairs)", ""),
+            row("a new model, new store", record["new_model_new_store"]),
+            row("the same result again (base: a known model)", record["same_result_again"]),
+            row("a new model, store of 10 runs", record["new_model_store_of_10_runs"]),
+            row("a new model, store of 1,000 runs", record["new_model_store_of_1000_runs"]),
+            row("check before training, store of 10 runs", record["check_before_training_10_runs"]),
+            row("check before training, store of 1,000 runs", record["check_before_training_1000_runs"]),
+            row("plot-only `dvc exp run`", record["plot_only_dvc_exp_run"])]
+    for what in ("new_model_store_of", "check_before_training"):
+        growth = record[f"{what}_growth_1000_over_10"]
+        rows.append((f"  {what.replace('_', ' ')}: 1,000 runs / 10 runs", f"{growth['now']}x (base {growth['base']}x)"))
+    team = record["team_server"]
+    if team is not None:
+        rows.append(("  team server / local store, a new model",
+                     f"{team['now']['ratio']}x ({team['now']['ratio_min']}-{team['now']['ratio_max']}); "
+                     f"base {team['base']['ratio']}x"))
+    return rows
 
 
 def kernel_pin_rows(pins: dict | None) -> list[tuple[str, str]]:

@@ -131,6 +131,8 @@ def launch(processes: int, module: str, args: list[str], threads: int) -> None:
     flags = ["--nnodes", str(nodes), "--nproc-per-node", str(processes), "--max-restarts", "0"]
     if nodes == 1 and ENDPOINT_ENV not in os.environ:
         flags.append("--standalone")  # a rendezvous on a free local port
+        # One machine: Gloo's connections between the processes on the loopback interface, not the network's.
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     elif BACKEND_ENV not in os.environ:
         flags += ["--rdzv-backend", "c10d"]
     # Each process sets its own thread count; this keeps torchrun from setting OMP_NUM_THREADS=1 and saying so.

@@ -27,6 +27,7 @@ import mnist_pipeline
 from mnist_pipeline import tracking
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.files import sha256_file
+from mnist_pipeline.live_run import TRAINING_TAG
 from mnist_pipeline.machine import trained_on
 from mnist_pipeline.params import Params, flatten
 from mnist_pipeline.store import Store
@@ -137,6 +138,19 @@ def find_recorded(experiment_id: str, key: str) -> mlflow.entities.Run | None:
     return runs[0] if runs else None
 
 
+def watched_training(experiment_id: str, model_sha256: str, params: dict[str, object]) -> mlflow.entities.Run | None:
+    """The run that watched this model train (mnist_pipeline/live_run.py), for record to complete: a training that
+    ended with this model file, not yet completed by a record, with the params being recorded. The newest."""
+    runs = tracking.retry_busy(
+        mlflow.MlflowClient().search_runs, [experiment_id],
+        filter_string=(f"tags.{TRAINING_TAG} = 'trained' and tags.{tracking.MODEL_TAG} = '{model_sha256}' "
+                       "and attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time DESC"], max_results=20,
+    )
+    flat = {k: str(v) for k, v in params.items()}
+    return next((r for r in runs if RESULT_KEY_TAG not in r.data.tags and r.data.params == flat), None)
+
+
 def model_files_present(run: mlflow.entities.Run) -> bool:
     """Whether the registered version a run points at can still be loaded (a deleted mlartifacts/ cannot)."""
     name, _, version = run.data.tags.get("model.version", "").partition("/")
@@ -229,11 +243,17 @@ def record(result: Result, params: Params, store: Store, tags: dict[str, str], r
         experiment_id = tracking.configure(store, params.mlflow.experiment)
         client = mlflow.MlflowClient()
         found = find_recorded(experiment_id, key)
+        live = watched_training(experiment_id, model_sha256, flatten(params))
         if found is not None and model_files_present(found):
             names = found.data.tags.get(NAMES_TAG, "").splitlines()
             if label not in names:
                 tracking.retry_busy(client.set_tag, found.info.run_id, NAMES_TAG, "\n".join([*names, label]))
-            return [f"record: already recorded as run '{found.info.run_name}' ({found.info.run_id}) in {store.uri}"]
+            lines = [f"record: already recorded as run '{found.info.run_name}' ({found.info.run_id}) in {store.uri}"]
+            if live is not None:  # it watched a training that made a result recorded before: not a second run of it
+                tracking.retry_busy(client.delete_run, live.info.run_id)
+                lines.append(f"record: run {live.info.run_id}, which watched this training, deleted "
+                             f"(`mlflow runs restore --run-id {live.info.run_id}` brings it back)")
+            return lines
         run_tags = {
             **tags, **trained_on(result.trained_on, model_sha256), RESULT_KEY_TAG: key, NAMES_TAG: label,
             tracking.MODEL_TAG: model_sha256, tracking.CODE_TAG: code_sha256,
@@ -241,7 +261,10 @@ def record(result: Result, params: Params, store: Store, tags: dict[str, str], r
             "train.device": summary["device"], "train.world_size": str(summary["world_size"]),
             "train.backend": str(summary.get("backend", "none")),
         }
-        with tracking.tracked_run(experiment_id=experiment_id, run_name=name, tags=run_tags) as run:
+        # The run that watched the training, completed; else a new one (a result restored from DVC's run-cache).
+        start = {"run_id": live.info.run_id} if live else {"experiment_id": experiment_id, "run_name": name,
+                                                           "tags": run_tags}
+        with tracking.tracked_run(**start) as run:
             existing = tracking.find_model_version(registered, model_sha256, code_sha256)
             lost = existing is not None and not tracking.files_present(registered, existing.version)
             more_tags = {}
@@ -258,12 +281,16 @@ def record(result: Result, params: Params, store: Store, tags: dict[str, str], r
                 more_tags["model.run_id"] = existing.run_id
             more_tags["model.version"] = f"{registered}/{version}"
             now = int(time.time() * 1000)
-            _batches(run.info.run_id, flatten(params), more_tags,
-                     [Metric(k, v, now, 0) for k, v in metrics.items()] + curves)
+            test_metrics = [Metric(k, v, now, 0) for k, v in metrics.items()]
+            if live:  # its params and curves are there already, logged while it trained
+                _batches(run.info.run_id, {}, {**run_tags, **more_tags}, test_metrics)
+            else:
+                _batches(run.info.run_id, flatten(params), more_tags, test_metrics + curves)
             _log_files(result)
             champion = tracking.crown_champion(store, registered)
         if found is not None:  # a run of this result whose model cannot load any more: this one replaces it
             tracking.retry_busy(client.delete_run, found.info.run_id)
+    name = run.info.run_name if live else name
     lines = [f"record: MLflow run '{name}' ({run.info.run_id}) in {store.uri}, model {registered} version {version} "
              f"({origin})"]
     if found is not None:

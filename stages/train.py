@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import sys
@@ -17,10 +18,11 @@ from mnist_pipeline import cpu_kernels, digits, distributed, training
 from mnist_pipeline.data import load_mnist
 from mnist_pipeline.digits import deskew, to_tensor
 from mnist_pipeline.errors import PipelineError, run_stage
-from mnist_pipeline.files import atomic_write_bytes, atomic_write_json, atomic_write_text
+from mnist_pipeline.files import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from mnist_pipeline.live_run import append_report, live_run
 from mnist_pipeline.machine import write_trained_on
 from mnist_pipeline.model import Net
-from mnist_pipeline.params import PARAMS_FILE, Params, ParamsError, load_params
+from mnist_pipeline.params import PARAMS_FILE, Params, ParamsError, flatten, load_params
 from mnist_pipeline.store import check_store, resolve_store
 from mnist_pipeline.training import (LogRow, check_learned, make_deterministic, select_device, state_dict_bytes,
                                      train)
@@ -87,14 +89,21 @@ def launch(params: Params, device: torch.device, args: list[str], outputs: list[
     """Train on train.processes processes under torchrun; a failure is one line and a FAILED MLflow run."""
     here = distributed.processes_here(params.train.processes, device)
     distributed.check_rendezvous_port()
-    try:
-        distributed.launch(here, "stages.train", args, params.train.num_threads)
-    except distributed.JobFailed as err:
-        from mnist_pipeline.tracking import record_failed_training  # MLflow only when there is a failure to record
+    with live_run(params.mlflow.experiment, outputs, flatten(params)) as live:
+        try:
+            distributed.launch(here, "stages.train", args, params.train.num_threads)
+        except distributed.JobFailed as err:
+            if live is not None:
+                live.end("FAILED", str(err))
+                where = f"{live.where()} is marked FAILED"
+            else:
+                from mnist_pipeline.tracking import record_failed_training  # MLflow only for a failure to record
 
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        where = record_failed_training(resolve_store(), params, outputs, str(err), device.type, backend)
-        raise PipelineError(f"train: {err}; {where}; the outputs are left as they were") from None
+                backend = "nccl" if device.type == "cuda" else "gloo"
+                where = record_failed_training(resolve_store(), params, outputs, str(err), device.type, backend)
+            raise PipelineError(f"train: {err}; {where}; the outputs are left as they were") from None
+        if live is not None:
+            live.end("FINISHED", model_sha256=sha256_file(outputs[0]))  # the first process wrote it
 
 
 def main() -> None:
@@ -121,6 +130,19 @@ def main() -> None:
         if p.processes > 1:
             launch(params, device, sys.argv[1:], [args.model, args.log, args.summary])
             return
+    # One process: this one trains, watched by a live run; under torchrun, the launcher's live run watches.
+    watched = live_run(params.mlflow.experiment, [args.model, args.log, args.summary], flatten(params)) \
+        if rank is None else contextlib.nullcontext()
+    with watched as live:
+        model_sha256 = train_and_write(args, params, rank, device)
+        if live is not None:
+            live.end("FINISHED", model_sha256=model_sha256)
+
+
+def train_and_write(args: argparse.Namespace, params: Params, rank: distributed.Rank | None,
+                    device: torch.device) -> str | None:
+    """This process's share of the training; the first process writes the model and reports (the model's SHA-256)."""
+    p = params.train
     make_deterministic(params.seed, p.num_threads)
     images, labels = load_mnist(args.raw, "train")
     images = deskew(images) if p.deskew else images  # what every process trains on, compared below
@@ -142,6 +164,7 @@ def main() -> None:
     def report(row: LogRow, improved: bool) -> None:
         if not writes:
             return
+        append_report(row)  # to the live run's curves, when this process has one
         if improved:
             progress.write("Updated the best model!")
         progress.write(
@@ -158,19 +181,21 @@ def main() -> None:
     progress.close()
     check_learned(result, p)
     if not writes:
-        return
+        return None
     world = f"{rank.world_size} processes ({rank.backend})" if rank else "1 process"
     print(f"End of the training loop! {time.perf_counter() - start:.1f} s on {device.type}, {world}, best val acc "
           f"{100 * result.best_val_acc:.3f}% at iteration {result.best_iteration}")
     weights = state_dict_bytes(result.best_state)
     atomic_write_bytes(args.model, weights)
-    write_trained_on(args.trained_on, hashlib.sha256(weights).hexdigest())
+    model_sha256 = hashlib.sha256(weights).hexdigest()
+    write_trained_on(args.trained_on, model_sha256)
     atomic_write_text(args.log, log_csv(result.log))
     atomic_write_json(args.summary, {"train": {
         "best_val_acc": round(result.best_val_acc, 6), "best_iteration": result.best_iteration,
         "device": device.type, "world_size": rank.world_size if rank else 1,
         "backend": rank.backend if rank else "none",
     }})
+    return model_sha256
 
 
 if __name__ == "__main__":

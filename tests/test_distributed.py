@@ -143,6 +143,46 @@ def test_killing_the_stage_ends_its_processes_and_they_write_nothing(pipeline: P
     assert snapshot(pipeline) == before  # nothing written before or after the kill
 
 
+def listening(pid: int) -> set[str]:
+    """The addresses `pid` listens on for TCP: its sockets (/proc/PID/fd) found in /proc/PID/net/tcp{,6}."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = set()
+    for table, wildcard, loopback in (("tcp", "00000000", "0100007F"), ("tcp6", "0" * 32, "0" * 24 + "01000000")):
+        for row in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # LISTEN
+                address = fields[1].split(":")[0]
+                found.add({wildcard: "any", loopback: "loopback"}.get(address, address))
+    return found
+
+
+@pytest.mark.slow
+def test_on_one_machine_only_the_rendezvous_listens_beyond_loopback(pipeline: Path) -> None:
+    """Where the README's "Several processes and machines" says the job listens: torchrun's rendezvous on every
+    interface (it has no option to do otherwise), Gloo between the processes on the loopback interface only."""
+    set_train(pipeline, processes=2, num_threads=1, epochs=1000)
+    process = start_training(pipeline)
+    try:
+        while (line := process.stdout.readline()) and "Iteration 8 statistics" not in line:
+            pass
+        workers = ranks_of(process.pid)
+        assert listening(process.pid) == {"any"}
+        assert all(listening(pid) == {"loopback"} for pid in workers.values())
+    finally:
+        process.kill()
+        process.wait()
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "torchrun's rendezvous listens on every network interface" in readme
+    assert "Gloo connects them over the loopback interface only" in readme
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("sig", "cause"), [(signal.SIGKILL, "was killed by signal SIGKILL"),
                                             (signal.SIGTERM, "failed: interrupted (stopped by signal SIGTERM)")])

@@ -103,7 +103,11 @@ def test_a_model_that_did_not_learn_fails_train_and_writes_nothing(done: Path, l
     assert_refused(result, "nothing is written", f"look at train.lr ({lr})")
     assert "did not learn: best validation accuracy" in result.stderr or "diverged: train loss" in result.stderr
     assert snapshot(done) == before
-    assert len(runs(done)) == runs_before  # nothing recorded, so nothing registered or crowned
+    # Its run says why it failed; nothing is recorded, so nothing registered or crowned.
+    watched = runs(done)[0]
+    assert len(runs(done)) == runs_before + 1 and watched.info.status == "FAILED"
+    assert "did not learn" in watched.data.tags["failure"] or "diverged" in watched.data.tags["failure"]
+    assert len(mlflow.MlflowClient().search_model_versions("name = 'mnist-cnn'")) == 1
 
 
 def damage_header(offset: int, data: bytes):
@@ -257,7 +261,7 @@ def test_all_sources_failing_is_one_error_and_keeps_the_data(
     assert snapshot(done) == before
 
 
-def test_sigterm_during_training_keeps_the_old_model_and_records_nothing(done: Path) -> None:
+def test_sigterm_during_training_keeps_the_old_model_and_its_run_ends_killed(done: Path) -> None:
     params = yaml.safe_load(Path("params.yaml").read_text())
     params["train"].update(epochs=1000, log_every=50)
     Path("params.yaml").write_text(yaml.safe_dump(params))
@@ -271,7 +275,10 @@ def test_sigterm_during_training_keeps_the_old_model_and_records_nothing(done: P
     process.communicate(timeout=120)
     assert process.returncode != 0
     assert snapshot(done) == before
-    assert len(runs(done)) == 1  # the pipeline's own: training records nothing
+    watched, recorded = runs(done)  # the run that watched the training shows where it stopped
+    assert watched.info.status == "KILLED" and watched.data.tags["training"] == "killed"
+    assert "SIGTERM" in watched.data.tags["failure"] and "val_acc" in watched.data.metrics
+    assert recorded.info.status == "FINISHED"
 
 
 def test_disk_full_while_saving_the_model(done: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -288,7 +295,8 @@ def test_disk_full_while_saving_the_model(done: Path, monkeypatch: pytest.Monkey
     assert snapshot(done) == before
     written = {done / path for path in STAGE_ARGS["train"][2:]}  # the model, reports and the machine's note
     assert not [p for p in (done / "models").iterdir() if p not in written]  # no temporary file left
-    assert len(runs(done)) == 1  # the pipeline's own: training records nothing
+    watched = runs(done)[0]
+    assert watched.info.status == "FAILED" and "No space left on device" in watched.data.tags["failure"]
 
     train.main()  # the next run recovers, and training is deterministic: the same bytes again
     assert snapshot(done) == before

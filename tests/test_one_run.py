@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import mlflow
@@ -18,7 +19,8 @@ import yaml
 
 from mnist_pipeline import machine
 from tests.conftest import (
-    REPO, copy_project, copy_workdir, dvc, project_env, queue_workers, readme_commands, wait_for_queue,
+    REPO, copy_project, copy_workdir, dvc, free_port, get_json, project_env, queue_workers, readme_commands, serving,
+    wait_for_queue,
 )
 from tests.test_environment import bump
 
@@ -178,6 +180,40 @@ def test_gone_experiments_are_listed_then_deleted_restorably(repo: Path) -> None
     assert runs(repo, "to-remove")
 
 
+def test_mlflow_shows_a_3_epoch_experiment_running_with_its_curves_then_one_complete_run(repo: Path) -> None:
+    port = free_port()
+    ui = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+          "--backend-store-uri", f"sqlite:///{repo / 'mlflow.db'}"]
+    with serving(ui, port, "/health", repo, project_env()) as base:
+        experiment = get_json(f"{base}/api/2.0/mlflow/experiments/get-by-name?experiment_name=mnist")["experiment"]
+        search = {"experiment_ids": [experiment["experiment_id"]], "filter": "attributes.status = 'RUNNING'"}
+        process = subprocess.Popen([sys.executable, "-m", "dvc", "exp", "run", "-n", "three", "-S", "train.epochs=3"],
+                                   cwd=repo, env=project_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   text=True)
+        try:
+            deadline = time.monotonic() + 600
+            while True:  # what the REST API (and so `mlflow ui`) says while it trains
+                assert time.monotonic() < deadline and process.poll() is None, "no RUNNING run with a validation point"
+                running = get_json(f"{base}/api/2.0/mlflow/runs/search", search).get("runs", [])
+                if running:
+                    run_id = running[0]["info"]["run_id"]
+                    points = get_json(f"{base}/api/2.0/mlflow/metrics/get-history?run_id={run_id}&metric_key=val_acc")
+                    if points.get("metrics"):
+                        break
+                time.sleep(1)
+            assert running[0]["info"]["run_name"] == "three"
+            out, _ = process.communicate(timeout=900)
+        finally:
+            process.kill()
+        assert process.returncode == 0, out
+    (run,) = runs(repo, "three")  # the same run, completed: curves, test metrics, figures, model
+    assert run.info.run_id == run_id and run.info.status == "FINISHED" and "test.accuracy" in run.data.metrics
+    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_acc")]
+    assert steps == sorted(set(steps)) and steps[-1] == 3 * -(-42_000 // BASELINE['train']['batch_size'])
+    assert run.data.tags["model.version"].startswith("mnist-cnn/")
+
+
 def test_a_corrupt_store_stops_dvc_exp_run_before_training(repo: Path) -> None:
     database = repo / "mlflow.db"
     saved = database.read_bytes()
@@ -267,6 +303,8 @@ def test_dependencies_are_exact(repo: Path) -> None:
     try:
         for path, expected in (("mnist_pipeline/params.py", computing),
                                ("mnist_pipeline/tracking.py", {"record"}),
+                               ("mnist_pipeline/recording.py", {"record"}),
+                               ("mnist_pipeline/live_run.py", {"record"}),  # bookkeeping: never retrains
                                ("mnist_pipeline/cpu_kernels.py", {"train", "evaluate", "record"}),
                                ("stages/__init__.py", {"train", "evaluate", "record"})):
             with (repo / path).open("a") as file:

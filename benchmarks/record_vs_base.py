@@ -1,0 +1,278 @@
+"""The cost of recording a result, this checkout's code against a base commit's, measured in pairs.
+
+Used by benchmarks/bench.py (section `record`). The base commit is checked out beside this repository
+(`git archive` into a temporary folder; a git clone where DVC needs one) and both record stages run on
+this workspace's outputs, one after the other, in alternating order: machines of this project differ ~2x
+in speed from one day to the next, so only ratios of such pairs count. Each figure is the median over
+`repeats` pairs, with the spread (min, max) of the per-pair ratios.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mnist_pipeline.stage_commands import stage_commands
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_BASE = "921a8ab"  # main before issue 21: a run per record, ~20 calls, a model logged after its metrics
+# What the script that fills a store writes into each run: about what a real run holds, without a model.
+FILLER = """
+import sys, time
+import mlflow
+from mlflow.entities import Metric, Param, RunTag
+from mnist_pipeline import tracking
+from mnist_pipeline.store import resolve_store
+experiment = tracking.configure(resolve_store(), "mnist")
+client = mlflow.MlflowClient()
+now = int(time.time() * 1000)
+for i in range(int(sys.argv[1])):
+    run = client.create_run(experiment, run_name=f"filler-{i}", tags={"dvc.exp_name": f"filler-{i}"})
+    client.log_batch(run.info.run_id,
+                     params=[Param(f"group.key{k}", str(i + k)) for k in range(30)],
+                     metrics=[Metric(f"curve{c}", i / (s + 1), now, s) for c in range(3) for s in range(20)]
+                     + [Metric(f"test.metric{k}", i / 1000, now, 0) for k in range(8)],
+                     tags=[RunTag("result_key", f"{i:064x}"), RunTag("model_sha256", f"{i:064x}")])
+    client.set_terminated(run.info.run_id)
+"""
+
+
+def record_args(tree: Path, marker: Path, model: Path | None) -> list[str]:
+    """The record stage's arguments in `tree`'s dvc.yaml, on this workspace's outputs (absolute paths)."""
+    args = stage_commands(tree / "dvc.yaml")["record"]
+    given = {"--marker": marker, "--model": model}
+    return [arg if arg.startswith("--") else str(given.get(args[i - 1]) or REPO / arg) for i, arg in enumerate(args)]
+
+
+def model_variants(folder: Path, count: int) -> list[Path]:
+    """Copies of this workspace's model, each with one bias nudged: as many new models (new files) as needed."""
+    import torch
+
+    state = torch.load(REPO / "models/model.pt", weights_only=True)
+    last_bias = [key for key in state if key.endswith("bias")][-1]
+    folder.mkdir()
+    paths = []
+    for k in range(count):
+        nudged = {**state, last_bias: state[last_bias] + (k + 1) * 1e-6}
+        torch.save(nudged, folder / f"model-{k}.pt")
+        paths.append(folder / f"model-{k}.pt")
+    return paths
+
+
+def record_seconds(tree: Path, store_root: Path, env: dict[str, str], model: Path | None = None) -> float:
+    """One record stage of `tree`'s code into the store under `store_root` (its marker there too)."""
+    store_root.mkdir(exist_ok=True)
+    command = [sys.executable, "-m", "stages.record", *record_args(tree, store_root / "recorded", model)]
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=tree, capture_output=True, text=True,
+                            env={**env, "PYTHONPATH": str(tree), "DVC_ROOT": str(store_root)})
+    if result.returncode != 0:
+        sys.exit(f"benchmark: {tree.name}'s record stage failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+    return time.perf_counter() - start
+
+
+def check_seconds(tree: Path, store_root: Path, env: dict[str, str]) -> float:
+    """The store check train makes before training, in a process of its own as train has it."""
+    code = "from mnist_pipeline.store import check_store, resolve_store; check_store(resolve_store())"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], cwd=tree, check=True, capture_output=True,
+                   env={**env, "PYTHONPATH": str(tree), "DVC_ROOT": str(store_root)})
+    return time.perf_counter() - start
+
+
+def filled_store(folder: Path, runs: int, env: dict[str, str]) -> Path:
+    """A local store holding `runs` finished runs, made by a script (this checkout's code)."""
+    folder.mkdir()
+    subprocess.run([sys.executable, "-c", FILLER, str(runs)], cwd=REPO, check=True, capture_output=True,
+                   env={**env, "PYTHONPATH": str(REPO), "DVC_ROOT": str(folder)})
+    return folder
+
+
+def copy_store(store: Path, dest: Path) -> Path:
+    """A copy of a local store; its experiment's artifact folder still points into the original, which is fine
+    for timing: the original is kept until the end."""
+    shutil.copytree(store, dest)
+    return dest
+
+
+def pairs(measure: Callable[[str, int], float], repeats: int) -> dict:
+    """`measure(tree, i)` for both trees `repeats` times, alternating which goes first; medians and ratios."""
+    times: dict[str, list[float]] = {"now": [], "base": []}
+    for i in range(repeats):
+        for tree in (("now", "base") if i % 2 == 0 else ("base", "now")):
+            times[tree].append(measure(tree, i))
+    ratios = [n / b for n, b in zip(times["now"], times["base"])]
+    return {"now_s": round(statistics.median(times["now"]), 2), "base_s": round(statistics.median(times["base"]), 2),
+            "ratio": round(statistics.median(ratios), 2), "ratio_min": round(min(ratios), 2),
+            "ratio_max": round(max(ratios), 2)}
+
+
+def base_tree(base: str, folder: Path) -> Path:
+    """The base commit's files, as `git archive` writes them."""
+    archive = folder / "base.tar"
+    subprocess.run(["git", "archive", "--format=tar", "-o", str(archive), base], cwd=REPO, check=True)
+    with tarfile.open(archive) as tar:
+        tar.extractall(folder / "base", filter="data")
+    return folder / "base"
+
+
+def plot_only_pairs(trees: dict[str, Path], root: Path, env: dict[str, str], repeats: int) -> dict:
+    """`dvc exp run -S plot.n_images=N` in a clone of each tree whose baseline (one epoch) is reproduced."""
+    clones = {}
+    for name, tree in trees.items():
+        clone = root / f"clone-{name}"
+        shutil.copytree(tree, clone, ignore=shutil.ignore_patterns(".venv", "data", "models", "mlflow.db*",
+                                                                    "mlartifacts", ".dvc"))
+        shutil.copytree(tree / ".dvc", clone / ".dvc", ignore=shutil.ignore_patterns("cache", "tmp", "config.local"))
+        params = (clone / "params.yaml").read_text()
+        (clone / "params.yaml").write_text(params.replace("epochs: ", "epochs: 1  # ", 1))
+        git = ["git", "-c", "user.name=bench", "-c", "user.email=bench@localhost"]
+        for command in (["git", "init", "-q"], ["git", "add", "-A"], [*git, "commit", "-qm", "baseline"],
+                        [sys.executable, "-m", "dvc", "repro"], ["git", "add", "-A"], [*git, "commit", "-qm", "ran"]):
+            subprocess.run(command, cwd=clone, check=True, capture_output=True,
+                           env={**env, "MNIST_MIRROR": str(REPO / "data/raw")})
+        clones[name] = clone
+
+    def one(name: str, i: int) -> float:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "dvc", "exp", "run", "-S", f"plot.n_images={10 + i}"],
+                       cwd=clones[name], check=True, capture_output=True, env=env)
+        return time.perf_counter() - start
+
+    return pairs(one, repeats)
+
+
+def team_server_pairs(env: dict[str, str], repeats: int, root: Path) -> dict | None:
+    """Each tree's record stage against a team server over the same work into a local store: ratio server/local."""
+    import secrets
+
+    from mnist_pipeline.errors import PipelineError
+    from mnist_pipeline.team_server import pg_bin
+
+    try:
+        pg_bin("initdb")
+    except PipelineError:
+        return None
+    from benchmarks.bench import free_port
+
+    admin = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(16)}
+    data = Path(tempfile.mkdtemp(prefix="mnist-bench-team-"))
+    data.chmod(0o711)  # PostgreSQL runs as `postgres` under root: it must reach its folder
+    server = [sys.executable, "-m", "mnist_pipeline.team_server"]
+    port, db_port = free_port(), free_port()
+    result = {}
+    try:
+        subprocess.run([*server, "start", "--data", str(data), "--port", str(port), "--db-port", str(db_port),
+                        "--stop-after", "3600"], check=True, capture_output=True, cwd=REPO,
+                       env={**env, "MLFLOW_AUTH_ADMIN_PASSWORD": admin["MLFLOW_TRACKING_PASSWORD"]})
+        remote = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", **admin}
+        models = iter(model_variants(root / "team-models", 2 * repeats))
+        trees = {"now": REPO, "base": root / "base"}
+        times = {name: {"local": [], "server": []} for name in trees}
+        for i in range(repeats):
+            for name in (("now", "base") if i % 2 == 0 else ("base", "now")):
+                # The same work on both stores: a model new to each (a nudged copy), so both log and register it.
+                model = next(models)
+                times[name]["local"].append(record_seconds(trees[name], root / f"team-{name}-local-{i}", env, model))
+                times[name]["server"].append(record_seconds(trees[name], root / f"team-{name}-server-{i}", remote, model))
+        for name, measured in times.items():
+            ratios = [s / q for s, q in zip(measured["server"], measured["local"])]
+            result[name] = {"local_s": round(statistics.median(measured["local"]), 2),
+                            "server_s": round(statistics.median(measured["server"]), 2),
+                            "ratio": round(statistics.median(ratios), 2), "ratio_min": round(min(ratios), 2),
+                            "ratio_max": round(max(ratios), 2)}
+    finally:
+        subprocess.run([*server, "stop", "--data", str(data)], capture_output=True, cwd=REPO)
+        shutil.rmtree(data, ignore_errors=True)
+    return result
+
+
+def record_comparison(base: str, repeats: int) -> dict:
+    """Every figure of issue 21's item 5, this checkout against `base`, measured in pairs on this machine."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    with tempfile.TemporaryDirectory(prefix="mnist-bench-record-") as folder:
+        root = Path(folder)
+        trees = {"now": REPO, "base": base_tree(base, root)}
+        report: dict = {"base": base}
+
+        def new_store(name: str, i: int) -> float:
+            return record_seconds(trees[name], root / f"new-{name}-{i}", env)
+
+        def again(name: str, i: int) -> float:  # the same result once more: a known model, or recorded already
+            store = root / f"new-{name}-{i}"
+            (store / "recorded").unlink(missing_ok=True)
+            return record_seconds(trees[name], store, env)
+
+        report["new_model_new_store"] = pairs(new_store, repeats)
+        report["same_result_again"] = pairs(again, repeats)
+        for runs in (10, 1000):
+            filled = filled_store(root / f"filled-{runs}", runs, env)
+
+            def existing(name: str, i: int, filled: Path = filled, runs: int = runs) -> float:
+                return record_seconds(trees[name], copy_store(filled, root / f"filled-{runs}-{name}-{i}"), env)
+
+            def check(name: str, i: int, filled: Path = filled) -> float:
+                return check_seconds(trees[name], filled, env)
+
+            report[f"new_model_store_of_{runs}_runs"] = pairs(existing, repeats)
+            report[f"check_before_training_{runs}_runs"] = pairs(check, repeats)
+        for what in ("new_model_store_of", "check_before_training"):
+            small, large = report[f"{what}_10_runs"], report[f"{what}_1000_runs"]
+            report[f"{what}_growth_1000_over_10"] = {
+                tree: round(large[f"{tree}_s"] / small[f"{tree}_s"], 2) for tree in ("now", "base")}
+        report["plot_only_dvc_exp_run"] = plot_only_pairs(trees, root, env, repeats)
+        report["team_server"] = team_server_pairs(env, repeats, root)
+    return report
+
+
+def live_curves_cost(repeats: int, epochs: int = 1) -> dict:
+    """The train stage with its live MLflow run against MNIST_LIVE_CURVES=off, in pairs, alternating which goes
+    first, on the real data (`epochs` of training, the other params as committed), each into a fresh store."""
+    import re
+
+    import yaml
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "MNIST_LIVE"))}
+    args = stage_commands(REPO / "dvc.yaml")["train"]
+    with tempfile.TemporaryDirectory(prefix="mnist-bench-live-") as folder:
+        root = Path(folder)
+        params = yaml.safe_load((REPO / "params.yaml").read_text())
+        params["train"]["epochs"] = epochs
+        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        (root / "data").mkdir()
+        for name in ("raw", "split"):
+            (root / "data" / name).symlink_to(REPO / "data" / name)
+
+        def one(switch: str, i: int) -> tuple[float, float]:
+            store = root / f"{switch}-{i}"
+            store.mkdir()
+            start = time.perf_counter()
+            result = subprocess.run([sys.executable, "-m", "stages.train", *args], cwd=root, capture_output=True,
+                                    text=True, env={**env, "PYTHONPATH": str(REPO), "DVC_ROOT": str(store),
+                                                    "MNIST_LIVE_CURVES": switch})
+            total = time.perf_counter() - start
+            loop = re.search(r"End of the training loop! ([0-9.]+) s on", result.stdout)
+            if result.returncode != 0 or loop is None:
+                sys.exit(f"benchmark: the train stage failed: {result.stderr.strip()[-300:]}")
+            return float(loop.group(1)), total
+
+        times: dict[str, list[tuple[float, float]]] = {"on": [], "off": []}
+        for i in range(repeats):
+            for switch in (("on", "off") if i % 2 == 0 else ("off", "on")):
+                times[switch].append(one(switch, i))
+    report = {}
+    for what, index in (("loop", 0), ("stage", 1)):
+        ratios = [on[index] / off[index] for on, off in zip(times["on"], times["off"])]
+        report[what] = {"on_s": round(statistics.median(t[index] for t in times["on"]), 2),
+                        "off_s": round(statistics.median(t[index] for t in times["off"]), 2),
+                        "ratio": round(statistics.median(ratios), 3), "ratio_min": round(min(ratios), 3),
+                        "ratio_max": round(max(ratios), 3)}
+    return {"epochs": epochs, "pairs": repeats, **report}

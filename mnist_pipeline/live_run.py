@@ -1,0 +1,197 @@
+"""Training curves in MLflow while train runs: a helper process that owns the result's run and tails the reports.
+
+The train stage starts the helper before its loop and waits until the run exists, so that MLflow's start-up does
+not share the CPU with the loop. The first training process appends each report to a file; the helper logs
+what appears there every half second. The stage tells the helper how the training ended; a stage that dies
+without a word (SIGKILL) closes its pipe, and the helper ends the run KILLED. The helper runs in a session
+of its own so that a signal to the stage's process group does not take it too. record later completes the
+run with the test metrics, figures and model: one run per result. Train itself never imports MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from mnist_pipeline.training import LogRow
+
+REPORTS_ENV = "MNIST_LIVE_REPORTS"  # the file the first training process appends its reports to
+SWITCH_ENV = "MNIST_LIVE_CURVES"  # "off": no run during training (record makes the run afterwards)
+POLL_S = 0.5
+CURVES = ("train_acc", "train_loss", "val_acc")
+TRAINING_TAG = "training"
+PROJECT = str(Path(__file__).resolve().parents[1])  # where the helper imports this package from, whatever the cwd  # what the helper last knew of the training: running, trained, failed, killed
+
+
+def append_report(row: LogRow) -> None:
+    """Hand one report to the helper, if this process trains for a live run (the first process only)."""
+    path = os.environ.get(REPORTS_ENV)
+    if path:
+        # To the 6 decimals of reports/train_log.csv: MLflow's curves are the numbers `dvc plots` draws.
+        values = {key: float(f"{value:.6f}") if isinstance(value, float) else value for key, value in asdict(row).items()}
+        with open(path, "a") as file:
+            file.write(json.dumps(values) + "\n")
+
+
+class LiveRun:
+    """The stage's side: start the helper, learn its run, tell it the end."""
+
+    def __init__(self, process: subprocess.Popen[str], run_id: str, name: str) -> None:
+        self.process, self.run_id, self.name = process, run_id, name
+
+    @classmethod
+    def start(cls, experiment: str, outputs: list[Path], params: dict[str, object], reports: Path) -> LiveRun | str:
+        """The live run, or why there is none (one line; training goes on and record makes the run later)."""
+        reports.touch()
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mnist_pipeline.live_run", str(reports)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, start_new_session=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PROJECT, os.environ.get("PYTHONPATH")]))},
+        )
+        process.stdin.write(json.dumps({"experiment": experiment, "outputs": [str(p) for p in outputs],
+                                        "params": {k: str(v) for k, v in params.items()}}) + "\n")
+        process.stdin.flush()
+        answer = process.stdout.readline().split()
+        if answer[:1] != ["ready"]:
+            process.kill()
+            process.wait()
+            return " ".join(answer[1:]) or "its helper process ended without a word"
+        os.environ[REPORTS_ENV] = str(reports)  # torchrun's processes inherit it
+        return cls(process, answer[1], answer[2])
+
+    def where(self) -> str:
+        return f"MLflow run '{self.name}' ({self.run_id})"
+
+    def end(self, status: str, cause: str = "", model_sha256: str = "") -> None:
+        """Tell the helper how the training ended (FINISHED, FAILED, KILLED) and wait for it to log the rest.
+
+        A finished training names its model file, by which record finds this run to complete it.
+        """
+        if self.process.stdin.closed:  # told already
+            return
+        try:
+            message = {"end": status, "cause": cause, "model_sha256": model_sha256}
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.close()
+        except OSError:  # the helper is gone (its store failed): nothing more to say to it
+            pass
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        os.environ.pop(REPORTS_ENV, None)
+
+
+@contextmanager
+def live_run(experiment: str, outputs: list[Path], params: dict[str, object]) -> Iterator[LiveRun | None]:
+    """A live run around a training: FINISHED when the block completes, KILLED or FAILED when it raises.
+
+    None when MNIST_LIVE_CURVES=off, or when the store cannot take a run now (said in one line: the
+    training goes on, and record makes the run once the result is complete).
+    """
+    if os.environ.get(SWITCH_ENV, "").lower() == "off":
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix="mnist-live-") as folder:
+        live = LiveRun.start(experiment, outputs, params, Path(folder) / "reports.jsonl")
+        if isinstance(live, str):
+            print(f"train: no live curves in MLflow ({live}); record logs them with the result", file=sys.stderr)
+            yield None
+            return
+        previous = signal.signal(signal.SIGTERM, _stopped)  # so that the run says what stopped the training
+        try:
+            yield live
+        except KeyboardInterrupt as err:
+            live.end("KILLED", f"interrupted{f' ({err})' if str(err) else ''}")
+            raise
+        except BaseException as err:
+            lines = str(err).strip().splitlines()
+            live.end("FAILED", lines[0] if lines else type(err).__name__)
+            raise
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        live.end("FINISHED")
+
+
+def _stopped(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def _helper(reports: Path) -> None:
+    """The helper process: create the run, log the reports as they come, end the run as told."""
+    import logging
+
+    import mlflow
+    from mlflow.entities import Metric, Param, RunTag
+
+    from mnist_pipeline import tracking
+    from mnist_pipeline.store import resolve_store
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # a new store's INFO lines are not the stage's output
+    start = json.loads(sys.stdin.readline())
+    store = resolve_store()
+    try:
+        with tracking.store_errors(store, "the training curves go to MLflow once the result is recorded"):
+            experiment_id = tracking.configure(store, start["experiment"])
+            client = mlflow.MlflowClient()
+            tags = tracking.run_tags([Path(p) for p in start["outputs"]])
+            name = tags.get("dvc.exp_name", tracking.WORKSPACE_RUN_NAME)
+            run = client.create_run(experiment_id, run_name=name, tags={**tags, TRAINING_TAG: "running"})
+            params = [Param(k, v) for k, v in start["params"].items()]
+            for first in range(0, len(params), 100):
+                client.log_batch(run.info.run_id, params=params[first:first + 100])
+    except Exception as err:  # noqa: BLE001 - any failure is the one line the stage prints
+        print(f"error {' '.join(str(err).split())}", flush=True)
+        return
+    print(f"ready {run.info.run_id} {name}", flush=True)
+    done, read = 0, ""
+
+    def drain() -> None:
+        nonlocal done, read
+        with reports.open() as file:
+            file.seek(done)
+            read += file.read()
+            done = file.tell()
+        lines, read = read.split("\n")[:-1], read.split("\n")[-1]  # a line not yet complete waits
+        rows = [json.loads(line) for line in lines]
+        now = int(time.time() * 1000)
+        metrics = [Metric(key, float(row[key]), now, int(row["iteration"])) for row in rows for key in CURVES]
+        if metrics:
+            tracking.retry_busy(client.log_batch, run.info.run_id, metrics=metrics)
+
+    end = {"end": "KILLED", "cause": "the train stage stopped without a word (killed)"}
+    while True:
+        ready, _, _ = select.select([sys.stdin], [], [], POLL_S)
+        try:
+            drain()
+        except Exception:  # noqa: BLE001 - the store failed: the curves stop, the training goes on
+            return
+        if ready:
+            line = sys.stdin.readline()
+            end = json.loads(line) if line.strip() else end
+            break
+    drain()
+    status = end["end"]
+    tags = [RunTag(TRAINING_TAG, {"FINISHED": "trained", "FAILED": "failed", "KILLED": "killed"}[status])]
+    if end.get("model_sha256"):
+        tags.append(RunTag(tracking.MODEL_TAG, end["model_sha256"]))
+    if end["cause"]:
+        tags += [RunTag("failure", end["cause"]), RunTag("mlflow.note.content", f"Training failed: {end['cause']}")]
+    client.log_batch(run.info.run_id, tags=tags)
+    client.set_terminated(run.info.run_id, status)
+
+
+if __name__ == "__main__":
+    _helper(Path(sys.argv[1]))
