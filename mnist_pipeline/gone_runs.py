@@ -20,7 +20,7 @@ import mlflow
 from mnist_pipeline import tracking
 from mnist_pipeline.errors import PipelineError, run_stage
 from mnist_pipeline.params import load_params
-from mnist_pipeline.recording import NAMES_TAG
+from mnist_pipeline.result import NAMES_TAG
 from mnist_pipeline.store import USERNAME_ENV, resolve_store
 
 GONE_NOTE = (

@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import base64
 import csv
-import hashlib
 import io
 import json
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
 from importlib.metadata import version as installed
 from pathlib import Path
 
@@ -23,41 +21,19 @@ import mlflow
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
-import mnist_pipeline
 from mnist_pipeline import tracking
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.files import sha256_file
 from mnist_pipeline.live_run import TRAINING_TAG
 from mnist_pipeline.machine import trained_on
 from mnist_pipeline.params import Params, flatten
+from mnist_pipeline.result import (
+    NAMES_TAG, PACKAGE, RESULT_KEY_TAG, SERVED_CODE, Result, names_entry, served_code_sha256, served_config,
+)
 from mnist_pipeline.store import Store
 
-PACKAGE = Path(mnist_pipeline.__file__).parent
-# The files the served model runs (mnist_pipeline/served_model.py imports the others), logged with its weights.
-SERVED_CODE = ("__init__.py", "cpu_kernels.py", "digits.py", "model.py", "served_model.py")
-RESULT_KEY_TAG = "result_key"
-# Every DVC name a result was recorded under, a line each: "<baseline commit> <experiment>" or
-# "<commit> workspace". One run per result: an experiment that reproduces another's bytes adds its name here.
-NAMES_TAG = "dvc.names"
 # MLflow's limits for one log_batch request.
 BATCH_ENTRIES, BATCH_PARAMS, BATCH_TAGS = 1000, 100, 100
-
-
-@dataclass(frozen=True)
-class Result:
-    """The files of one DVC result, as record's arguments name them."""
-
-    raw: Path
-    model: Path
-    train_log: Path
-    summary: Path
-    metrics: Path
-    predictions: Path
-    figures: Path
-    trained_on: Path
-
-    def reports(self) -> list[Path]:
-        return [self.train_log, self.summary, self.metrics, self.predictions]
 
 
 def curve_metrics(train_log: Path) -> list[Metric]:
@@ -97,37 +73,6 @@ def read_metrics(path: Path) -> dict[str, object]:
     return report
 
 
-def served_config(params: Params) -> dict[str, object]:
-    """The served model's model_config (served_model.py reads it): digits prepared as its network trained on them."""
-    return {"deskew": params.train.deskew}  # served_model.DESKEW; imported there with torch, so written out here
-
-
-def served_code_sha256(config: dict[str, object]) -> str:
-    """SHA-256 of the files the served model runs and its model_config: with the weights, what a version is."""
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for name in SERVED_CODE:
-        digest.update(f"{name}\0".encode() + (PACKAGE / name).read_bytes() + b"\0")
-    return digest.hexdigest()
-
-
-def _content_sha256(path: Path) -> str:
-    """A file's SHA-256, or a folder's: of its files' names relative to it and their SHA-256s."""
-    if path.is_file():
-        return sha256_file(path)
-    digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_file(file)}\n".encode())
-    return digest.hexdigest()
-
-
-def result_key(params: Params, result: Result, code_sha256: str) -> str:
-    """What makes this result, as one SHA-256: params, data, served code and outputs; no path, machine or clock."""
-    parts = {"params": flatten(params), "served_code": code_sha256}
-    for role in ("raw", "model", "train_log", "summary", "metrics", "predictions", "figures"):
-        parts[role] = _content_sha256(getattr(result, role))
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def find_recorded(experiment_id: str, key: str) -> mlflow.entities.Run | None:
     """The finished run of this result, if any: the first made, should a race have made two."""
     runs = tracking.retry_busy(
@@ -162,8 +107,9 @@ def model_files_present(run: mlflow.entities.Run) -> bool:
         raise
 
 
-def log_model(model_path: Path, raw: Path, params: Params, version_tags: dict[str, str]) -> str:
-    """Log the served model (source, and weights loaded with weights_only=True: no pickle), register it; its version.
+def log_model(model_path: Path, raw: Path, params: Params, version_tags: dict[str, str]) -> str | None:
+    """Log the served model (source, and weights loaded with weights_only=True: no pickle), register it; its version
+    (None: logged in the run, not registered, as this account may not).
 
     Logged before any metric of the run, so MLflow has none to copy onto the model. The model reads pixel arrays and PNG/JPEG files as clients have them (mnist_pipeline/served_model.py); its
     input is one list whose items are either, which only an object tensor can say in an MLflow signature.
@@ -196,10 +142,31 @@ def log_model(model_path: Path, raw: Path, params: Params, version_tags: dict[st
         info = tracking.retry_busy(
             mlflow.pyfunc.log_model, name="model", python_model=str(code / "served_model.py"),
             artifacts={WEIGHTS: str(model_path)}, code_paths=[str(code)], signature=signature,
-            input_example=example, pip_requirements=requirements, model_config=served_config(params),
-            registered_model_name=params.mlflow.registered_model, tags=version_tags,  # the model's and its version's
+            input_example=example, pip_requirements=requirements, model_config=served_config(params), tags=version_tags,
         )
-    return str(info.registered_model_version)
+    return register(params.mlflow.registered_model, info, version_tags)
+
+
+def register(name: str, info: mlflow.models.model.ModelInfo, tags: dict[str, str]) -> str | None:
+    """Register a logged model as a new version of `name`, its tags in the same call; None where this account may
+    not register (a team server grants it per account: see team_server add-user --can-register)."""
+    client = mlflow.MlflowClient()
+    try:
+        try:
+            tracking.retry_busy(client.create_registered_model, name)
+        except MlflowException as err:
+            if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+        version = tracking.retry_busy(client.create_model_version, name, f"models:/{info.model_id}",
+                                      run_id=info.run_id, tags=tags, model_id=info.model_id)
+    except MlflowException as err:
+        if err.error_code == "PERMISSION_DENIED":
+            return None
+        raise
+    # What MLflow's own registration adds: the UI links the logged model to its version by this tag.
+    tracking.retry_busy(client.set_logged_model_tags, info.model_id,
+                        {"mlflow.modelVersions": json.dumps([{"name": name, "version": version.version}])})
+    return str(version.version)
 
 
 def _batches(run_id: str, params: dict[str, str], tags: dict[str, str], metrics: list[Metric]) -> None:
@@ -227,16 +194,15 @@ def _log_files(result: Result) -> None:
         mlflow.log_artifacts(folder)
 
 
-def record(result: Result, params: Params, store: Store, tags: dict[str, str], retry: str) -> list[str]:
-    """Record `result` in `store` unless it is there already; the lines to print."""
+def record(result: Result, params: Params, store: Store, tags: dict[str, str], retry: str, key: str) -> list[str]:
+    """Record `result`, whose key is `key`, in `store` unless it is there already; the lines to print."""
     summary = read_summary(result.summary)
     metrics = {**tracking.flat_metrics({"train": summary}), **tracking.flat_metrics(read_metrics(result.metrics))}
     curves = curve_metrics(result.train_log)
     code_sha256 = served_code_sha256(served_config(params))
-    key = result_key(params, result, code_sha256)
     model_sha256 = sha256_file(result.model)
     name = tags.get("dvc.exp_name", tracking.WORKSPACE_RUN_NAME)
-    label = f"{tags.get('dvc.exp_baseline_rev') or tags.get('mlflow.source.git.commit', '-')} {name}"
+    entry = names_entry(tags)
     registered = params.mlflow.registered_model
 
     with tracking.store_errors(store, retry):
@@ -246,8 +212,8 @@ def record(result: Result, params: Params, store: Store, tags: dict[str, str], r
         live = watched_training(experiment_id, model_sha256, flatten(params))
         if found is not None and model_files_present(found):
             names = found.data.tags.get(NAMES_TAG, "").splitlines()
-            if label not in names:
-                tracking.retry_busy(client.set_tag, found.info.run_id, NAMES_TAG, "\n".join([*names, label]))
+            if entry not in names:
+                tracking.retry_busy(client.set_tag, found.info.run_id, NAMES_TAG, "\n".join([*names, entry]))
             lines = [f"record: already recorded as run '{found.info.run_name}' ({found.info.run_id}) in {store.uri}"]
             if live is not None:  # it watched a training that made a result recorded before: not a second run of it
                 tracking.retry_busy(client.delete_run, live.info.run_id)
@@ -255,7 +221,7 @@ def record(result: Result, params: Params, store: Store, tags: dict[str, str], r
                              f"(`mlflow runs restore --run-id {live.info.run_id}` brings it back)")
             return lines
         run_tags = {
-            **tags, **trained_on(result.trained_on, model_sha256), RESULT_KEY_TAG: key, NAMES_TAG: label,
+            **tags, **trained_on(result.trained_on, model_sha256), RESULT_KEY_TAG: key, NAMES_TAG: entry,
             tracking.MODEL_TAG: model_sha256, tracking.CODE_TAG: code_sha256,
             # Where it trained: results differ in their last bits between devices and world sizes.
             "train.device": summary["device"], "train.world_size": str(summary["world_size"]),
@@ -267,19 +233,25 @@ def record(result: Result, params: Params, store: Store, tags: dict[str, str], r
         with tracking.tracked_run(**start) as run:
             existing = tracking.find_model_version(registered, model_sha256, code_sha256)
             lost = existing is not None and not tracking.files_present(registered, existing.version)
-            more_tags = {}
+            more_tags, champion = {}, None
             if existing is None or lost:
                 # What the champion is chosen by: validation accuracy, never the test set's.
                 version_tags = {**tracking.version_tags(run_tags), tracking.VAL_ACC_TAG: str(summary["best_val_acc"])}
                 version = log_model(result.model, result.raw, params, version_tags)
                 origin = "trained here"
-                if lost:  # once its replacement is in the champion's choice, out of it
+                if version is None:
+                    origin = (f"logged in the run, not registered: account {tags.get(tracking.ACCOUNT_TAG, '?')!r} "
+                              f"may not register {registered!r}; an admin grants it (see the README, Team)")
+                elif lost:  # once its replacement is in the champion's choice, out of it
                     tracking.retire_lost_version(registered, existing.version, version)
                     origin = f"logged again: version {existing.version}, the same model, has lost its files"
+                if version is not None:  # a new version can change the champion; a known one cannot
+                    champion = tracking.crown_champion(registered)
             else:
                 version, origin = existing.version, f"same model file as run {existing.run_id}"
                 more_tags["model.run_id"] = existing.run_id
-            more_tags["model.version"] = f"{registered}/{version}"
+            if version is not None:
+                more_tags["model.version"] = f"{registered}/{version}"
             now = int(time.time() * 1000)
             test_metrics = [Metric(k, v, now, 0) for k, v in metrics.items()]
             if live:  # its params and curves are there already, logged while it trained
@@ -287,12 +259,11 @@ def record(result: Result, params: Params, store: Store, tags: dict[str, str], r
             else:
                 _batches(run.info.run_id, flatten(params), more_tags, test_metrics + curves)
             _log_files(result)
-            champion = tracking.crown_champion(store, registered)
         if found is not None:  # a run of this result whose model cannot load any more: this one replaces it
             tracking.retry_busy(client.delete_run, found.info.run_id)
     name = run.info.run_name if live else name
-    lines = [f"record: MLflow run '{name}' ({run.info.run_id}) in {store.uri}, model {registered} version {version} "
-             f"({origin})"]
+    model = f"model {registered} version {version}" if version is not None else "model"
+    lines = [f"record: MLflow run '{name}' ({run.info.run_id}) in {store.uri}, {model} ({origin})"]
     if found is not None:
         lines.append(f"record: run {found.info.run_id} of the same result lost its model files: deleted "
                      f"(`mlflow runs restore --run-id {found.info.run_id}` brings it back)")

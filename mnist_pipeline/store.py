@@ -200,3 +200,56 @@ def _check_writable(folder: Path, store: Store) -> None:
             f"MLflow store {store.uri}: only {free >> 20} MiB free in {folder} (at least {MIN_FREE_BYTES >> 20} MiB "
             "needed); free some space there"
         )
+
+
+def recorded_run(database: Path, experiment: str, key_tag: str, key: str,
+                 names_tag: str) -> tuple[str, str, list[str], str] | None:
+    """The finished run of a result in a local store, read without MLflow: (id, name, its DVC names, its model
+    version "name/version"), or None. record's quick path: a result recorded before costs no MLflow start-up."""
+    if not database.exists():
+        return None
+    query = ("SELECT r.run_uuid, r.name FROM runs AS r JOIN experiments AS e ON e.experiment_id = r.experiment_id "
+             "JOIN tags AS t ON t.run_uuid = r.run_uuid WHERE e.name = ? AND e.lifecycle_stage = 'active' "
+             "AND r.lifecycle_stage = 'active' AND r.status = 'FINISHED' AND t.key = ? AND t.value = ? "
+             "ORDER BY r.start_time LIMIT 1")
+    try:
+        with closing(_read_only(database)) as connection:
+            found = connection.execute(query, (experiment, key_tag, key)).fetchone()
+            if found is None:
+                return None
+            tags = dict(connection.execute("SELECT key, value FROM tags WHERE run_uuid = ? AND key IN (?, ?)",
+                                           (found[0], names_tag, "model.version")).fetchall())
+    except sqlite3.Error:  # a store MLflow has not set up yet has no such tables
+        return None
+    return found[0], found[1], tags.get(names_tag, "").splitlines(), tags.get("model.version", "")
+
+
+def training_awaits_record(database: Path, experiment: str, model_sha256: str) -> bool:
+    """Whether a run that watched this model train (mnist_pipeline/live_run.py) waits for record to complete it."""
+    query = ("SELECT 1 FROM runs AS r JOIN experiments AS e ON e.experiment_id = r.experiment_id "
+             "JOIN tags AS t ON t.run_uuid = r.run_uuid AND t.key = 'training' AND t.value = 'trained' "
+             "JOIN tags AS m ON m.run_uuid = r.run_uuid AND m.key = 'model_sha256' AND m.value = ? "
+             "WHERE e.name = ? AND r.lifecycle_stage = 'active' AND NOT EXISTS "
+             "(SELECT 1 FROM tags AS k WHERE k.run_uuid = r.run_uuid AND k.key = 'result_key') LIMIT 1")
+    try:
+        with closing(_read_only(database)) as connection:
+            return connection.execute(query, (model_sha256, experiment)).fetchone() is not None
+    except sqlite3.Error:
+        return False
+
+
+def version_loadable(database: Path, version: str) -> bool:
+    """Whether a registered version ("name/version") of a local store exists and its files are there."""
+    name, _, number = version.partition("/")
+    query = ("SELECT storage_location FROM model_versions WHERE name = ? AND version = ? "
+             "AND current_stage != 'Deleted_Internal'")
+    try:
+        with closing(_read_only(database)) as connection:
+            row = connection.execute(query, (name, int(number))).fetchone()
+    except (sqlite3.Error, ValueError):
+        return False
+    if row is None:
+        return False
+    location = str(row[0])
+    return not location.startswith("file:") or Path(
+        urllib.request.url2pathname(urllib.parse.urlparse(location).path)).exists()

@@ -1,6 +1,7 @@
 """The team's tracking server: `mlflow server` on a PostgreSQL database, artifacts served, basic-auth logins.
 
     MLFLOW_AUTH_ADMIN_PASSWORD=... python -m mnist_pipeline.team_server start --data /srv/mnist-team
+    python -m mnist_pipeline.team_server add-user --data /srv/mnist-team alice --can-register  # asks a password
     python -m mnist_pipeline.team_server status --data /srv/mnist-team
     python -m mnist_pipeline.team_server stop --data /srv/mnist-team
 
@@ -9,6 +10,10 @@ service), the artifacts the server stores for its clients (`artifacts/`), the au
 two generated secrets (the database password, the auth app's session key). Stopping and starting again with the
 same folder keeps every run, model and user. Clients need only MLFLOW_TRACKING_URI=http://<host>:<port> and
 MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD.
+
+The folder and all in it are its owner's only (0700/0600). Started as root, PostgreSQL and mlflow server run as the
+unprivileged `postgres` account, which owns the folder. Every account reads everything; an account logs runs
+only once added with add-user, and registers (and so crowns) model versions only with --can-register.
 """
 
 from __future__ import annotations
@@ -32,10 +37,10 @@ from mnist_pipeline.errors import PipelineError, run_stage
 
 DB_USER = "mlflow"
 DATABASES = ("mlflow", "mlflow_auth")  # runs and models; the auth app's users and permissions
-# Every teammate may log runs into the shared experiment and add model versions; only the creator or an admin
-# may delete or change permissions (MLflow's MANAGE).
-DEFAULT_PERMISSION = "EDIT"
-SYSTEM_USER = "postgres"  # PostgreSQL refuses to run as root; Debian's package creates this user
+# Every account reads everything; add-user grants logging runs (EDIT on the experiment) and, for some, registering
+# model versions and moving the champion alias (EDIT on the registered model): the served model's code is theirs.
+DEFAULT_PERMISSION = "READ"
+SYSTEM_USER = "postgres"  # PostgreSQL refuses to run as root; Debian's package creates this user; mlflow runs as it too
 
 
 @dataclass(frozen=True)
@@ -62,18 +67,29 @@ class TeamServer:
         self.auth_ini = self.data / "basic_auth.ini"
 
     # ---- settings and secrets -------------------------------------------------------------------------------
-    def settings(self, **given: object) -> Settings:
+    def settings(self, save: bool = False, **given: object) -> Settings:
         saved = json.loads(self.settings_file.read_text()) if self.settings_file.exists() else {}
         chosen = Settings(**{**saved, **{k: v for k, v in given.items() if v is not None}})
-        self.settings_file.write_text(json.dumps(asdict(chosen)) + "\n")
+        if save:
+            self.private_file(self.settings_file, json.dumps(asdict(chosen)) + "\n")
         return chosen
+
+    def private_file(self, path: Path, text: str) -> None:
+        """Write a file only the folder's owner reads (the service account, under root)."""
+        path.touch(mode=0o600)
+        path.chmod(0o600)
+        path.write_text(text)
+        self.give_to_service(path)
+
+    def give_to_service(self, path: Path) -> None:
+        if os.geteuid() == 0:
+            shutil.chown(path, SYSTEM_USER, SYSTEM_USER)
 
     def secret(self, name: str) -> str:
         """A random secret generated once into the data folder (mode 0600), the same after every restart."""
         path = self.data / name
         if not path.exists():
-            path.touch(mode=0o600)
-            path.write_text(secrets.token_urlsafe(32))
+            self.private_file(path, secrets.token_urlsafe(32))
         return path.read_text().strip()
 
     def url(self, settings: Settings) -> str:
@@ -104,7 +120,6 @@ class TeamServer:
         self.pg.mkdir(mode=0o700, exist_ok=True)
         if os.geteuid() == 0:
             shutil.chown(self.pg, SYSTEM_USER, SYSTEM_USER)
-            shutil.chown(password_file, SYSTEM_USER)  # root still reads it; initdb runs as postgres
             probe = subprocess.run(self.as_db_owner(["test", "-w", str(self.pg)]))
             if probe.returncode != 0:
                 raise PipelineError(
@@ -151,28 +166,33 @@ class TeamServer:
 
     # ---- mlflow server -----------------------------------------------------------------------------------------
     def running_pid(self, pid_file: Path) -> int | None:
+        """The process a pid file names, if it is still that process: the pid and its start time must match, so
+        that after a reboot a pid file never names an unrelated process that got the same number."""
         try:
-            pid = int(pid_file.read_text())
-            os.kill(pid, 0)
+            pid, started = (int(word) for word in pid_file.read_text().split())
+            if process_start(pid) != started:
+                return None
         except (OSError, ValueError):
             return None
         return pid
 
+    def write_pid(self, pid_file: Path, pid: int) -> None:
+        self.private_file(pid_file, f"{pid} {process_start(pid)}\n")
+
     def start_mlflow(self, settings: Settings, stop_after: float | None) -> None:
         if self.running_pid(self.mlflow_pid):
             return
-        self.artifacts.mkdir(exist_ok=True)
-        self.auth_ini.write_text(
-            "[mlflow]\n"
-            f"default_permission = {DEFAULT_PERMISSION}\n"
-            f"database_uri = {self.db_uri(settings, 'mlflow_auth')}\n"
-            f"admin_username = admin\n"
-            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-        )
+        self.artifacts.mkdir(mode=0o700, exist_ok=True)
+        self.give_to_service(self.artifacts)
+        admin = os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD")
+        self.write_auth_ini(settings, admin)
+        # libpq reads the database password from this file (0600), so that it is in no process's environment.
+        self.private_file(self.data / "pgpass", f"127.0.0.1:{settings.db_port}:*:{DB_USER}:{self.secret('db-password')}\n")
+        hidden = ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_PASSWORD", "PGPASSWORD")
         env = {
-            **os.environ,
+            **{k: v for k, v in os.environ.items() if k not in hidden},
             "MLFLOW_AUTH_CONFIG_PATH": str(self.auth_ini),
-            "PGPASSWORD": self.secret("db-password"),
+            "PGPASSFILE": str(self.data / "pgpass"),
             # The session key must survive restarts, or every browser login and CSRF token breaks.
             "MLFLOW_FLASK_SERVER_SECRET_KEY": os.environ.get("MLFLOW_FLASK_SERVER_SECRET_KEY")
             or self.secret("session-key"),
@@ -189,10 +209,19 @@ class TeamServer:
         ]
         if stop_after:
             command = ["timeout", str(int(stop_after)), *command]
+        if os.geteuid() == 0:  # not as root: as the account PostgreSQL runs as, where it can run this Python
+            if subprocess.run(self.as_db_owner([sys.executable, "-c", ""]), capture_output=True).returncode == 0:
+                command = self.as_db_owner(command)
+            else:
+                print(f"team server: mlflow server runs as root: the '{SYSTEM_USER}' account cannot run "
+                      f"{sys.executable} (a folder above it is private); install Python and the environment where "
+                      "other accounts can run them, so that it runs as that account", file=sys.stderr)
+        if not self.mlflow_log.exists():
+            self.private_file(self.mlflow_log, "")
         with self.mlflow_log.open("a") as log:
             process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                       start_new_session=True)
-        self.mlflow_pid.write_text(f"{process.pid}\n")
+                                       start_new_session=True, cwd=self.data)
+        self.write_pid(self.mlflow_pid, process.pid)
         url = self.url(settings)
         deadline = time.monotonic() + 180
         while not answers(f"{url}/health"):
@@ -201,6 +230,18 @@ class TeamServer:
                 raise PipelineError(f"team server {self.data}: mlflow server did not start on {url}: "
                                     f"{last_error(self.mlflow_log)} (whole log: {self.mlflow_log})")
             time.sleep(0.5)
+        if admin:  # the admin account exists now: its password need not stay on disk
+            self.write_auth_ini(settings, None)
+
+    def write_auth_ini(self, settings: Settings, admin_password: str | None) -> None:
+        self.private_file(self.auth_ini, (
+            "[mlflow]\n"
+            f"default_permission = {DEFAULT_PERMISSION}\n"
+            f"database_uri = {self.db_uri(settings, 'mlflow_auth')}\n"
+            "admin_username = admin\n"
+            + (f"admin_password = {admin_password}\n" if admin_password else "")
+            + "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        ))
 
     def stop_mlflow(self) -> None:
         pid = self.running_pid(self.mlflow_pid)
@@ -214,7 +255,7 @@ class TeamServer:
         process = subprocess.Popen(["sh", "-c", f"sleep {int(stop_after)} && exec {stop}"],
                                    cwd=Path(__file__).resolve().parents[1], start_new_session=True,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.watchdog_pid.write_text(f"{process.pid}\n")
+        self.write_pid(self.watchdog_pid, process.pid)
 
     # ---- commands ----------------------------------------------------------------------------------------------
     def start(self, settings: Settings, stop_after: float | None = None) -> str:
@@ -222,6 +263,10 @@ class TeamServer:
             raise PipelineError(f"team server {self.data}: set MLFLOW_AUTH_ADMIN_PASSWORD (and optionally "
                                 "MLFLOW_AUTH_ADMIN_USERNAME, default admin) for the first start: it creates that "
                                 "admin account")
+        self.data.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.data.chmod(0o700)  # the database, artifacts, logs and secrets: its owner's only
+        self.give_to_service(self.data)
+        self.settings(save=True, **asdict(settings))
         self.init_db()
         self.start_db(settings)
         self.create_databases(settings)
@@ -244,6 +289,59 @@ class TeamServer:
         words = (f"mlflow server {self.url(settings)}: {'running' if server else 'stopped'}; "
                  f"PostgreSQL 127.0.0.1:{settings.db_port}: {'running' if database else 'stopped'}")
         return server and database, words
+
+
+    def add_user(self, settings: Settings, name: str, password: str, can_register: bool, experiment: str,
+                 model: str) -> str:
+        """Create a teammate's account (as the admin logged in through MLFLOW_TRACKING_USERNAME/PASSWORD) that may
+        log runs into `experiment` and, with can_register, register versions of `model` and move its aliases."""
+        import mlflow
+        from mlflow.exceptions import MlflowException
+        from mlflow.server import get_app_client
+
+        from mnist_pipeline.tracking import EXPERIMENT_KIND
+
+        url = self.url(settings)
+        mlflow.set_tracking_uri(url)
+        client = mlflow.MlflowClient()
+        try:
+            found = client.get_experiment_by_name(experiment)
+            experiment_id = found.experiment_id if found else client.create_experiment(experiment, tags=EXPERIMENT_KIND)
+            try:
+                client.create_registered_model(model)
+            except MlflowException as err:
+                if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                    raise
+            auth = get_app_client("basic-auth", tracking_uri=url)
+            auth.create_user(name, password)
+            auth.grant_user_permission(name, "experiment", experiment_id, "EDIT")
+            auth.grant_user_permission(name, "registered_model", model, "EDIT" if can_register else "READ")
+        except (MlflowException, OSError) as err:
+            lines = str(err).strip().splitlines() or [type(err).__name__]
+            raise PipelineError(f"team server {url}: adding {name!r} failed: {lines[0]} (run it with the admin's "
+                                "login in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)") from None
+        may = f"log runs into {experiment!r}" + (f", register and crown versions of {model!r}" if can_register else "")
+        return f"team server {url}: account {name!r} added; it may {may}"
+
+
+def read_password(name: str) -> str:
+    """The new account's password, from standard input (a pipe or a prompt), never from the command line."""
+    if sys.stdin.isatty():
+        import getpass
+
+        password = getpass.getpass(f"password for {name}: ")
+        if getpass.getpass("again: ") != password:
+            raise PipelineError("the two passwords differ; nothing was changed")
+    else:
+        password = sys.stdin.readline().rstrip("\n")
+    if len(password) < 12:
+        raise PipelineError(f"the password for {name!r} has {len(password)} characters: use at least 12")
+    return password
+
+
+def process_start(pid: int) -> int:
+    """A process's start time in clock ticks since boot (/proc/PID/stat, field 22): with the pid, who it is."""
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
 
 
 def pg_bin(name: str) -> str:
@@ -286,18 +384,32 @@ def last_error(log: Path) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("start", "stop", "status"))
+    parser.add_argument("command", choices=("start", "stop", "status", "add-user"))
+    parser.add_argument("name", nargs="?", help="add-user: the new account (its password is read from stdin)")
     parser.add_argument("--data", type=Path, required=True, help="the folder that holds the database and artifacts")
+    parser.add_argument("--can-register", action="store_true",
+                        help="add-user: may register model versions and move the champion alias")
+    parser.add_argument("--experiment", default="mnist", help="add-user: the experiment it logs runs into")
+    parser.add_argument("--model", default="mnist-cnn", help="add-user: the registered model")
     parser.add_argument("--host", help="address the server listens on (saved; default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="the server's port (saved; default 5000)")
     parser.add_argument("--db-port", type=int, help="PostgreSQL's port on 127.0.0.1 (saved; default 5433)")
     parser.add_argument("--workers", type=int, help="server worker processes (saved; default 2)")
     parser.add_argument("--stop-after", type=float, help="stop everything after this many seconds (tests, demos)")
-    args = parser.parse_args()
-    args.data.mkdir(parents=True, exist_ok=True)
+    args = parser.parse_intermixed_args()  # the account's name may come after --data
+    if args.data.exists() and not args.data.is_dir():
+        raise PipelineError(f"team server: --data {args.data} is a file; give a folder (a new one is created)")
     server = TeamServer(args.data)
+    if args.command != "start" and not server.settings_file.is_file():
+        raise PipelineError(f"team server: {args.data} holds no team server (no {server.settings_file.name}); "
+                            "start one there with `start`, or give the folder you started it in")
     settings = server.settings(host=args.host, port=args.port, db_port=args.db_port, workers=args.workers)
-    if args.command == "start":
+    if args.command == "add-user":
+        if not args.name:
+            raise PipelineError("team server: add-user needs the new account's name")
+        print(server.add_user(settings, args.name, read_password(args.name), args.can_register, args.experiment,
+                              args.model))
+    elif args.command == "start":
         url = server.start(settings, args.stop_after)
         print(f"team server: {url} (PostgreSQL on 127.0.0.1:{settings.db_port}, artifacts in {server.artifacts})")
     elif args.command == "stop":

@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from mnist_pipeline import machine
 from mnist_pipeline.params import Params, flatten
+from mnist_pipeline.result import ACCOUNT_TAG, WORKSPACE_RUN_NAME, git, git_dirty, run_tags  # noqa: F401 (re-exported)
 from mnist_pipeline.store import FILES_LOST_TAG, USERNAME_ENV, Store, StoreError
 
 T = TypeVar("T")
@@ -36,9 +37,6 @@ CODE_TAG = "served_code_sha256"
 # Marks the experiment as model training. MLflow 3.17's UI lets its sidebar switch decide instead (see the
 # README), but earlier UIs and MLflow's own search read this tag.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-WORKSPACE_RUN_NAME = "workspace"
-# The tracking server login that recorded a run (MLflow's own mlflow.user is the computer's user).
-ACCOUNT_TAG = "account"
 # The registry alias `mlflow models serve -m models:/mnist-cnn@champion` serves, and what it is chosen by.
 CHAMPION = "champion"
 VAL_ACC_TAG = "train.best_val_acc"
@@ -107,47 +105,6 @@ def _get_or_create_experiment(name: str, artifact_location: str | None) -> str:
     if "mlflow.experimentKind" not in found.tags:
         retry_busy(mlflow.MlflowClient().set_experiment_tag, found.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
     return found.experiment_id
-
-
-def git(*args: str) -> str | None:
-    """A git command's output, or None where it fails (no repo, no commit, no such revision)."""
-    result = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
-    return result.stdout if result.returncode == 0 else None
-
-
-def git_dirty(outputs: list[Path]) -> bool:
-    """Whether tracked files differ from the commit, leaving out the pipeline's own outputs and dvc.lock.
-
-    DVC deletes a stage's outputs before running it and rewrites dvc.lock as stages finish: they differ
-    from the commit during any `dvc repro`, and say nothing about the code and params that made the result.
-    """
-    changed = filter(None, (git("diff", "--name-only", "-z", "HEAD") or "").split("\0"))
-    own = [path.as_posix().rstrip("/") for path in [*outputs, Path("dvc.lock")]]
-    return any(not any(name == out or name.startswith(f"{out}/") for out in own) for name in changed)
-
-
-def run_tags(outputs: list[Path]) -> dict[str, str]:
-    """Tags tying a run to its git commit, to whether code or params differ from it, and to the DVC experiment."""
-    tags = {}
-    commit = (git("rev-parse", "HEAD") or "").strip()
-    if commit:
-        tags["mlflow.source.git.commit"] = commit
-        tags["git.dirty"] = str(git_dirty(outputs)).lower()
-    name = os.environ.get("DVC_EXP_NAME")
-    baseline = os.environ.get("DVC_EXP_BASELINE_REV")
-    if name:
-        tags["dvc.exp_name"] = name
-        tags["mlflow.note.content"] = (
-            f"DVC experiment `{name}`: `dvc exp apply {name}` brings it back into the workspace "
-            "(while `dvc exp list` lists it)."
-        )
-    else:
-        tags["mlflow.note.content"] = f"`dvc repro` in the workspace at commit `{commit[:7] or 'none'}`."
-    if baseline:
-        tags["dvc.exp_baseline_rev"] = baseline
-    if os.environ.get(USERNAME_ENV):
-        tags[ACCOUNT_TAG] = os.environ[USERNAME_ENV]
-    return tags
 
 
 def _interrupt(signum: int, _frame: object) -> None:
@@ -259,32 +216,28 @@ def record_failed_training(store: Store, params: Params, outputs: list[Path], ca
     return f"MLflow run '{name}' ({run.info.run_id}) is marked FAILED"
 
 
-def crown_champion(store: Store, name: str) -> ModelVersion | None:
+def crown_champion(name: str, passes: int = 10) -> ModelVersion | None:
     """Point the alias `champion` at the version with the best validation accuracy (never test accuracy).
 
     Among equals the latest version wins: the same weights logged again with newer serving code (record's
-    SERVED_CODE) replace the older. Recomputed from every version's tag, under the store's lock for a
-    local store, so results recorded at once (a queue with -j 2) end with the right champion in any order.
-    Returns the version the alias moved to, or None when it stayed.
+    SERVED_CODE) replace the older. Safe for machines recording at once, on one store or a shared server,
+    without a lock: after moving the alias, read every version again and move it again if a better one has
+    appeared. Each recorder crowns after registering its version, so the last to move the alias has read
+    every version registered before that move, and no stale champion stays. Returns the version the alias
+    last moved to, or None when it stayed.
     """
     client = mlflow.MlflowClient()
-    lock = None if store.database is None else store.database.with_name(f"{store.database.name}.lock").open("w")
-    try:
-        if lock is not None:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+    moved = None
+    for _ in range(passes):
         versions = retry_busy(client.search_model_versions, filter_string=f"name = '{name}'")
         scored = sorted((v for v in versions if VAL_ACC_TAG in v.tags),
                         key=lambda v: (float(v.tags[VAL_ACC_TAG]), int(v.version)), reverse=True)
         # The best whose files are still there: a deleted artifact folder leaves versions that cannot load.
         best = next((v for v in scored if files_present(name, v.version)), None)
-        if best is None:
-            return None
         # The registered model's aliases: search_model_versions leaves each version's own list empty.
         current = retry_busy(client.get_registered_model, name).aliases.get(CHAMPION)
-        if current is not None and str(current) == str(best.version):
-            return None
+        if best is None or (current is not None and str(current) == str(best.version)):
+            return moved
         retry_busy(client.set_registered_model_alias, name, CHAMPION, best.version)
-        return best
-    finally:
-        if lock is not None:
-            lock.close()
+        moved = best
+    return moved

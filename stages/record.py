@@ -6,12 +6,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mnist_pipeline import tracking
+from mnist_pipeline import store as stores
 from mnist_pipeline.errors import run_stage
-from mnist_pipeline.files import atomic_write_text
-from mnist_pipeline.params import load_params
-from mnist_pipeline.recording import Result, record
-from mnist_pipeline.store import check_store, resolve_store
+from mnist_pipeline.files import atomic_write_text, sha256_file
+from mnist_pipeline.params import Params, load_params
+from mnist_pipeline.result import (
+    NAMES_TAG, RESULT_KEY_TAG, Result, names_entry, result_key, run_tags, served_code_sha256, served_config,
+)
 
 # DVC reruns this stage when the file is missing (a fresh clone); its content never changes, so dvc.lock doesn't.
 MARKER_TEXT = "This workspace's result is recorded in MLflow. Delete this file to record it again.\n"
@@ -25,6 +26,21 @@ ARGUMENTS = (("raw", "folder of the MNIST IDX files (the model's input example)"
              ("marker", "written once the result is recorded"))
 
 
+def recorded_before(store: stores.Store, params: Params, result: Result, key: str, entry: str) -> str | None:
+    """The line saying so, when a local store holds this result's run under this name, its model loadable, and no
+    training of it waits for record: read from the SQLite file alone, without MLflow's start-up (seconds)."""
+    if store.database is None:
+        return None
+    found = stores.recorded_run(store.database, params.mlflow.experiment, RESULT_KEY_TAG, key, NAMES_TAG)
+    if found is None:
+        return None
+    run_id, run_name, names, version = found
+    if entry not in names or not stores.version_loadable(store.database, version) or stores.training_awaits_record(
+            store.database, params.mlflow.experiment, sha256_file(result.model)):
+        return None  # something to write: MLflow's way
+    return f"record: already recorded as run '{run_name}' ({run_id}) in {store.uri}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     for name, what in ARGUMENTS:
@@ -33,11 +49,18 @@ def main() -> None:
     marker = args.pop("marker")
     result = Result(**args)
     params = load_params()
-    store = resolve_store()
-    check_store(store)
-    tags = tracking.run_tags([result.raw, result.model, *result.reports(), result.figures, marker])
-    for line in record(result, params, store, tags, RETRY):
-        print(line)
+    store = stores.resolve_store()
+    stores.check_store(store)
+    tags = run_tags([result.raw, result.model, *result.reports(), result.figures, marker])
+    key = result_key(params, result, served_code_sha256(served_config(params)))
+    quick = recorded_before(store, params, result, key, names_entry(tags))
+    if quick is not None:
+        print(quick)
+    else:
+        from mnist_pipeline.recording import record  # MLflow, only when there is something to write
+
+        for line in record(result, params, store, tags, RETRY, key):
+            print(line)
     atomic_write_text(marker, MARKER_TEXT)
 
 

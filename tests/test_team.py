@@ -12,6 +12,7 @@ import getpass
 import io
 import json
 import os
+import pwd
 import re
 import shutil
 import socket
@@ -32,6 +33,7 @@ import yaml
 from mnist_pipeline.data import load_mnist
 from mnist_pipeline.digits import to_tensor
 from mnist_pipeline.model import Net
+from mnist_pipeline.stage_commands import stage_commands
 from mnist_pipeline.store import StoreError, check_store, resolve_store
 from mnist_pipeline.training import load_state_dict
 from tests.conftest import (
@@ -42,7 +44,7 @@ pytestmark = pytest.mark.slow
 BASELINE = yaml.safe_load((REPO / "params.yaml").read_text())
 BASELINE["train"].update(epochs=1, log_every=100)
 PASSWORDS = {"admin": "admin-password-of-the-tests", "alice": "alice-password-of-the-tests",
-             "bob": "bob-password-of-the-tests"}
+             "bob": "bob-password-of-the-tests", "carol": "carol-password-of-the-tests"}
 MARKER_ONLY = {"record": [{"changed outs": {"reports/.mlflow-recorded": "deleted"}}]}
 # Every server started here stops itself after this long, should the teardown never run.
 SELF_STOP_S = 3600
@@ -151,10 +153,12 @@ def team() -> Iterator[Team]:
                               "--stop-after", str(SELF_STOP_S), MLFLOW_AUTH_ADMIN_PASSWORD=PASSWORDS["admin"])
         assert started.returncode == 0, started.stdout + started.stderr
         url = f"http://127.0.0.1:{port}"
-        for user in ("alice", "bob"):
-            run([sys.executable, "-c", "from mlflow.server import get_app_client; "
-                 f"get_app_client('basic-auth', tracking_uri='{url}').create_user('{user}', '{PASSWORDS[user]}')"],
-                REPO, **Team(url, data).env("admin"))
+        for user, flags in (("alice", ["--can-register"]), ("bob", ["--can-register"]), ("carol", [])):
+            added = subprocess.run(  # the README's command, the password on standard input
+                [sys.executable, "-m", "mnist_pipeline.team_server", "add-user", "--data", str(data), user, *flags],
+                cwd=REPO, env=project_env(**Team(url, data).env("admin")), input=PASSWORDS[user] + "\n",
+                capture_output=True, text=True)
+            assert added.returncode == 0, added.stderr
         yield Team(url, data)
     finally:
         team_server("stop", "--data", str(data))
@@ -521,10 +525,12 @@ def test_two_machines_share_one_remote_and_one_tracking_server(baseline: Path, s
     dvc(a, "exp", "remove", "-g", "origin", grid[0])  # alice removes one of hers, from origin
     dvc(a, "exp", "remove", grid[0])  # and from her clone
     done = run([*gone, "--team-server"], b, **team.env("bob"))
-    assert done.stdout == ""  # bob's account does not delete alice's run
-    done = run([*gone, "--team-server"], a, **team.env("alice"))
+    assert done.stdout == ""  # bob's account does not touch alice's run
+    # Deleting runs takes MANAGE on the experiment (MLflow's rule): the admin, for every account.
+    done = run([*gone, "--team-server", "--all-accounts"], b, **team.env("admin"))
     assert done.stdout.split() == [runs[grid[0]].info.run_id, grid[0], "FINISHED", "deleted"]
     assert client.get_run(runs[grid[0]].info.run_id).info.lifecycle_stage == "deleted"
+    assert run([*gone, "--team-server", "--all-accounts"], b, **team.env("admin")).stdout == ""  # idempotent
 
     # A safe clean-up keeps every commit's and experiment's data; -w alone keeps only the workspace's.
     main_model = model_md5((baseline / "dvc.lock").read_text())
@@ -532,6 +538,95 @@ def test_two_machines_share_one_remote_and_one_tracking_server(baseline: Path, s
     assert in_cache(third, main_model) and all(in_cache(third, md5) for md5 in models.values())
     dvc(third, "gc", "--workspace", "--force")
     assert not in_cache(third, main_model) and in_cache(third, models["bob-lr-0003"])
+
+
+def other_result(baseline: Path, dest: Path, nudge: int, val_acc: float) -> Path:
+    """A copy of the baseline whose model (one bias nudged) and best validation accuracy are another result's."""
+    clone = copy_workdir(baseline, dest)
+    state = torch.load(clone / "models/model.pt", weights_only=True)
+    bias = [key for key in state if key.endswith("bias")][-1]
+    torch.save({**state, bias: state[bias] + nudge * 1e-6}, clone / "models/model.pt")
+    summary = json.loads((clone / "reports/train.json").read_text())
+    summary["train"]["best_val_acc"] = val_acc
+    (clone / "reports/train.json").write_text(json.dumps(summary))
+    (clone / "reports/.mlflow-recorded").unlink()
+    return clone
+
+
+def record_command(clone: Path) -> list[str]:
+    """The record stage as dvc.yaml runs it."""
+    return [sys.executable, "-m", "stages.record", *stage_commands(clone / "dvc.yaml")["record"]]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process started under `pid`, however deep."""
+    try:
+        children = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+    return [*children, *(d for child in children for d in descendants(child))]
+
+
+def test_two_clones_recording_at_once_leave_the_best_as_champion(team: Team, baseline: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    for key, value in team.env("admin").items():
+        monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(team.url)
+    client = mlflow.MlflowClient()
+    for round_, (a_acc, b_acc) in enumerate([(0.9991, 0.9992), (0.9994, 0.9993), (0.9995, 0.9996)]):
+        clones = [other_result(baseline, tmp_path / f"{round_}-{who}", 10 * round_ + i, acc)
+                  for i, (who, acc) in enumerate((("alice", a_acc), ("bob", b_acc)))]
+        records = [subprocess.Popen(record_command(clone), cwd=clone, env=project_env(**team.env(who)),
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                   for clone, who in zip(clones, ("alice", "bob"))]
+        for process in records:
+            out, _ = process.communicate(timeout=600)
+            assert process.returncode == 0, out
+        champion = client.get_model_version_by_alias("mnist-cnn", "champion")
+        assert float(champion.tags["train.best_val_acc"]) == max(a_acc, b_acc), round_
+
+
+def test_who_may_register_and_crown_and_what_the_server_keeps_private(team: Team, baseline: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    alices = other_result(baseline, tmp_path / "alice", 98, 0.5)
+    assert "model mnist-cnn version" in run(record_command(alices), alices, **team.env("alice")).stdout
+    # carol was added without --can-register: her result is a run, its model logged but not registered.
+    clone = other_result(baseline, tmp_path / "carol", 99, 0.99999)
+    out = run(record_command(clone), clone, **team.env("carol")).stdout
+    assert "not registered: account 'carol' may not register 'mnist-cnn'" in out and "champion" not in out
+    for key, value in team.env("carol").items():
+        monkeypatch.setenv(key, value)
+    mlflow.set_tracking_uri(team.url)
+    client = mlflow.MlflowClient()
+    (run_id,) = re.findall(r"MLflow run 'workspace' \(([0-9a-f]+)\)", out)
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert not client.search_model_versions(f"name = 'mnist-cnn' and run_id = '{run_id}'")
+    version = client.search_model_versions("name = 'mnist-cnn'")[0].version
+    with pytest.raises(mlflow.exceptions.MlflowException, match="Permission denied|PERMISSION_DENIED"):
+        client.set_registered_model_alias("mnist-cnn", "champion", version)
+
+    # The folder and its files are the service account's only; the server runs as that account, its
+    # environment without the passwords; the admin's password is not left in the auth settings.
+    data = team.data
+    service = pwd.getpwnam("postgres").pw_uid if os.geteuid() == 0 else os.geteuid()
+    assert (data.stat().st_mode & 0o777, data.stat().st_uid) == (0o700, service)
+    assert (data / "artifacts").stat().st_mode & 0o777 == 0o700
+    for name in ("mlflow.log", "db-password", "session-key", "pgpass", "basic_auth.ini", "server.json", "mlflow.pid"):
+        assert (data / name).stat().st_mode & 0o777 == 0o600, name
+    assert "admin_password" not in (data / "basic_auth.ini").read_text()
+    leader = int((data / "mlflow.pid").read_text().split()[0])
+    servers = [pid for pid in descendants(leader) if b"mlflow" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    assert servers
+    # Under root, the server runs as `postgres` where that account can run this Python; else as root, said at
+    # start (here the interpreter may live in a private folder, as pyenv's under /root does).
+    python_runs = os.geteuid() != 0 or subprocess.run(["runuser", "-u", "postgres", "--", sys.executable, "-c", ""],
+                                                      capture_output=True).returncode == 0
+    for pid in servers:
+        status = Path(f"/proc/{pid}/status").read_text()
+        assert int(re.search(r"^Uid:\s+(\d+)", status, re.M).group(1)) == (service if python_runs else 0)
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        assert not [v for v in environ if v.startswith((b"PGPASSWORD=", b"MLFLOW_AUTH_ADMIN_PASSWORD=",
+                                                        b"MLFLOW_TRACKING_PASSWORD="))]
 
 
 def test_restarting_the_server_and_the_database_loses_nothing(team: Team, tmp_path: Path,

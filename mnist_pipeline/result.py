@@ -1,0 +1,124 @@
+"""What a DVC result is, without MLflow: its files, its key, the served code's identity and the tags tying it to git
+and DVC. record reads a result recorded before with these alone (no MLflow start-up); mnist_pipeline/recording.py
+writes a new one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import mnist_pipeline
+from mnist_pipeline.files import sha256_file
+from mnist_pipeline.params import Params, flatten
+from mnist_pipeline.store import USERNAME_ENV
+
+PACKAGE = Path(mnist_pipeline.__file__).parent
+# The files the served model runs (mnist_pipeline/served_model.py imports the others), logged with its weights.
+SERVED_CODE = ("__init__.py", "cpu_kernels.py", "digits.py", "model.py", "served_model.py")
+RESULT_KEY_TAG = "result_key"
+# Every DVC name a result was recorded under, a line each: "<baseline commit> <experiment>" or
+# "<commit> workspace". One run per result: an experiment that reproduces another's bytes adds its name here.
+NAMES_TAG = "dvc.names"
+WORKSPACE_RUN_NAME = "workspace"
+# The tracking server login that recorded a run (MLflow's own mlflow.user is the computer's user).
+ACCOUNT_TAG = "account"
+
+
+@dataclass(frozen=True)
+class Result:
+    """The files of one DVC result, as record's arguments name them."""
+
+    raw: Path
+    model: Path
+    train_log: Path
+    summary: Path
+    metrics: Path
+    predictions: Path
+    figures: Path
+    trained_on: Path
+
+    def reports(self) -> list[Path]:
+        return [self.train_log, self.summary, self.metrics, self.predictions]
+
+
+def served_config(params: Params) -> dict[str, object]:
+    """The served model's model_config (served_model.py reads it): digits prepared as its network trained on them."""
+    return {"deskew": params.train.deskew}  # served_model.DESKEW; imported there with torch, so written out here
+
+
+def served_code_sha256(config: dict[str, object]) -> str:
+    """SHA-256 of the files the served model runs and its model_config: with the weights, what a version is."""
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
+    for name in SERVED_CODE:
+        digest.update(f"{name}\0".encode() + (PACKAGE / name).read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def _content_sha256(path: Path) -> str:
+    """A file's SHA-256, or a folder's: of its files' names relative to it and their SHA-256s."""
+    if path.is_file():
+        return sha256_file(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{sha256_file(file)}\n".encode())
+    return digest.hexdigest()
+
+
+def result_key(params: Params, result: Result, code_sha256: str) -> str:
+    """What makes this result, as one SHA-256: params, data, served code and outputs; no path, machine or clock."""
+    parts = {"params": flatten(params), "served_code": code_sha256}
+    for role in ("raw", "model", "train_log", "summary", "metrics", "predictions", "figures"):
+        parts[role] = _content_sha256(getattr(result, role))
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def git(*args: str) -> str | None:
+    """A git command's output, or None where it fails (no repo, no commit, no such revision)."""
+    result = subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+    return result.stdout if result.returncode == 0 else None
+
+
+def git_dirty(outputs: list[Path]) -> bool:
+    """Whether tracked files differ from the commit, leaving out the pipeline's own outputs and dvc.lock.
+
+    DVC deletes a stage's outputs before running it and rewrites dvc.lock as stages finish: they differ
+    from the commit during any `dvc repro`, and say nothing about the code and params that made the result.
+    """
+    changed = filter(None, (git("diff", "--name-only", "-z", "HEAD") or "").split("\0"))
+    own = [path.as_posix().rstrip("/") for path in [*outputs, Path("dvc.lock")]]
+    return any(not any(name == out or name.startswith(f"{out}/") for out in own) for name in changed)
+
+
+def run_tags(outputs: list[Path]) -> dict[str, str]:
+    """Tags tying a run to its git commit, to whether code or params differ from it, and to the DVC experiment."""
+    tags = {}
+    commit = (git("rev-parse", "HEAD") or "").strip()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+        tags["git.dirty"] = str(git_dirty(outputs)).lower()
+    name = os.environ.get("DVC_EXP_NAME")
+    baseline = os.environ.get("DVC_EXP_BASELINE_REV")
+    if name:
+        tags["dvc.exp_name"] = name
+        tags["mlflow.note.content"] = (
+            f"DVC experiment `{name}`: `dvc exp apply {name}` brings it back into the workspace "
+            "(while `dvc exp list` lists it)."
+        )
+    else:
+        tags["mlflow.note.content"] = f"`dvc repro` in the workspace at commit `{commit[:7] or 'none'}`."
+    if baseline:
+        tags["dvc.exp_baseline_rev"] = baseline
+    if os.environ.get(USERNAME_ENV):
+        tags[ACCOUNT_TAG] = os.environ[USERNAME_ENV]
+    return tags
+
+
+def names_entry(tags: dict[str, str]) -> str:
+    """This result's DVC name as NAMES_TAG lists it."""
+    name = tags.get("dvc.exp_name", WORKSPACE_RUN_NAME)
+    return f"{tags.get('dvc.exp_baseline_rev') or tags.get('mlflow.source.git.commit', '-')} {name}"
