@@ -182,7 +182,8 @@ def team_server_pairs(env: dict[str, str], repeats: int, root: Path) -> dict | N
                 # The same work on both stores: a model new to each (a nudged copy), so both log and register it.
                 model = next(models)
                 times[name]["local"].append(record_seconds(trees[name], root / f"team-{name}-local-{i}", env, model))
-                times[name]["server"].append(record_seconds(trees[name], root / f"team-{name}-server-{i}", remote, model))
+                server_root = root / f"team-{name}-server-{i}"
+                times[name]["server"].append(record_seconds(trees[name], server_root, remote, model))
         for name, measured in times.items():
             ratios = [s / q for s, q in zip(measured["server"], measured["local"])]
             result[name] = {"local_s": round(statistics.median(measured["local"]), 2),

@@ -31,8 +31,8 @@ REPORTS_ENV = "MNIST_LIVE_REPORTS"  # the file the first training process append
 SWITCH_ENV = "MNIST_LIVE_CURVES"  # "off": no run during training (record makes the run afterwards)
 POLL_S = 0.5
 CURVES = ("train_acc", "train_loss", "val_acc")
-TRAINING_TAG = "training"
-PROJECT = str(Path(__file__).resolve().parents[1])  # where the helper imports this package from, whatever the cwd  # what the helper last knew of the training: running, trained, failed, killed
+TRAINING_TAG = "training"  # what the helper last knew of the training: running, trained, failed, killed
+PROJECT = str(Path(__file__).resolve().parents[1])  # where the helper imports this package from, whatever the cwd
 
 
 def append_report(row: LogRow) -> None:
@@ -40,7 +40,8 @@ def append_report(row: LogRow) -> None:
     path = os.environ.get(REPORTS_ENV)
     if path:
         # To the 6 decimals of reports/train_log.csv: MLflow's curves are the numbers `dvc plots` draws.
-        values = {key: float(f"{value:.6f}") if isinstance(value, float) else value for key, value in asdict(row).items()}
+        values = {key: float(f"{value:.6f}") if isinstance(value, float) else value
+                  for key, value in asdict(row).items()}
         with open(path, "a") as file:
             file.write(json.dumps(values) + "\n")
 
@@ -52,7 +53,8 @@ class LiveRun:
         self.process, self.run_id, self.name = process, run_id, name
 
     @classmethod
-    def start(cls, experiment: str, outputs: list[Path], params: dict[str, object], reports: Path) -> LiveRun | str:
+    def start(cls, experiment: str, outputs: list[Path], params: dict[str, object], tags: dict[str, str],
+              reports: Path) -> LiveRun | str:
         """The live run, or why there is none (one line; training goes on and record makes the run later)."""
         reports.touch()
         process = subprocess.Popen(
@@ -60,7 +62,7 @@ class LiveRun:
             stdout=subprocess.PIPE, text=True, start_new_session=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PROJECT, os.environ.get("PYTHONPATH")]))},
         )
-        process.stdin.write(json.dumps({"experiment": experiment, "outputs": [str(p) for p in outputs],
+        process.stdin.write(json.dumps({"experiment": experiment, "outputs": [str(p) for p in outputs], "tags": tags,
                                         "params": {k: str(v) for k, v in params.items()}}) + "\n")
         process.stdin.flush()
         answer = process.stdout.readline().split()
@@ -95,7 +97,8 @@ class LiveRun:
 
 
 @contextmanager
-def live_run(experiment: str, outputs: list[Path], params: dict[str, object]) -> Iterator[LiveRun | None]:
+def live_run(experiment: str, outputs: list[Path], params: dict[str, object],
+             tags: dict[str, str]) -> Iterator[LiveRun | None]:
     """A live run around a training: FINISHED when the block completes, KILLED or FAILED when it raises.
 
     None when MNIST_LIVE_CURVES=off, or when the store cannot take a run now (said in one line: the
@@ -105,7 +108,7 @@ def live_run(experiment: str, outputs: list[Path], params: dict[str, object]) ->
         yield None
         return
     with tempfile.TemporaryDirectory(prefix="mnist-live-") as folder:
-        live = LiveRun.start(experiment, outputs, params, Path(folder) / "reports.jsonl")
+        live = LiveRun.start(experiment, outputs, params, tags, Path(folder) / "reports.jsonl")
         if isinstance(live, str):
             print(f"train: no live curves in MLflow ({live}); record logs them with the result", file=sys.stderr)
             yield None
@@ -148,7 +151,8 @@ def _helper(reports: Path) -> None:
             client = mlflow.MlflowClient()
             tags = tracking.run_tags([Path(p) for p in start["outputs"]])
             name = tags.get("dvc.exp_name", tracking.WORKSPACE_RUN_NAME)
-            run = client.create_run(experiment_id, run_name=name, tags={**tags, TRAINING_TAG: "running"})
+            run = client.create_run(experiment_id, run_name=name,
+                                    tags={**tags, **start["tags"], TRAINING_TAG: "running"})
             params = [Param(k, v) for k, v in start["params"].items()]
             for first in range(0, len(params), 100):
                 client.log_batch(run.info.run_id, params=params[first:first + 100])

@@ -111,7 +111,8 @@ def log_model(model_path: Path, raw: Path, params: Params, version_tags: dict[st
     """Log the served model (source, and weights loaded with weights_only=True: no pickle), register it; its version
     (None: logged in the run, not registered, as this account may not).
 
-    Logged before any metric of the run, so MLflow has none to copy onto the model. The model reads pixel arrays and PNG/JPEG files as clients have them (mnist_pipeline/served_model.py); its
+    Logged before any metric of the run, so MLflow has none to copy onto the model. The model reads pixel arrays
+    and PNG/JPEG files as clients have them (mnist_pipeline/served_model.py); its
     input is one list whose items are either, which only an object tensor can say in an MLflow signature.
     """
     import numpy as np

@@ -187,7 +187,8 @@ class TeamServer:
         admin = os.environ.get("MLFLOW_AUTH_ADMIN_PASSWORD")
         self.write_auth_ini(settings, admin)
         # libpq reads the database password from this file (0600), so that it is in no process's environment.
-        self.private_file(self.data / "pgpass", f"127.0.0.1:{settings.db_port}:*:{DB_USER}:{self.secret('db-password')}\n")
+        password = self.secret("db-password")
+        self.private_file(self.data / "pgpass", f"127.0.0.1:{settings.db_port}:*:{DB_USER}:{password}\n")
         hidden = ("MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_TRACKING_PASSWORD", "PGPASSWORD")
         env = {
             **{k: v for k, v in os.environ.items() if k not in hidden},

@@ -20,7 +20,7 @@ from mnist_pipeline.digits import deskew, to_tensor
 from mnist_pipeline.errors import PipelineError, run_stage
 from mnist_pipeline.files import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
 from mnist_pipeline.live_run import append_report, live_run
-from mnist_pipeline.machine import write_trained_on
+from mnist_pipeline.machine import provenance, write_trained_on
 from mnist_pipeline.model import Net
 from mnist_pipeline.params import PARAMS_FILE, Params, ParamsError, flatten, load_params
 from mnist_pipeline.store import check_store, resolve_store
@@ -89,7 +89,10 @@ def launch(params: Params, device: torch.device, args: list[str], outputs: list[
     """Train on train.processes processes under torchrun; a failure is one line and a FAILED MLflow run."""
     here = distributed.processes_here(params.train.processes, device)
     distributed.check_rendezvous_port()
-    with live_run(params.mlflow.experiment, outputs, flatten(params)) as live:
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    device_tags = {**provenance(), "train.device": device.type, "train.world_size": str(params.train.processes),
+                   "train.backend": backend}  # where it trains, as record tags a result
+    with live_run(params.mlflow.experiment, outputs, flatten(params), device_tags) as live:
         try:
             distributed.launch(here, "stages.train", args, params.train.num_threads)
         except distributed.JobFailed as err:
@@ -99,7 +102,6 @@ def launch(params: Params, device: torch.device, args: list[str], outputs: list[
             else:
                 from mnist_pipeline.tracking import record_failed_training  # MLflow only for a failure to record
 
-                backend = "nccl" if device.type == "cuda" else "gloo"
                 where = record_failed_training(resolve_store(), params, outputs, str(err), device.type, backend)
             raise PipelineError(f"train: {err}; {where}; the outputs are left as they were") from None
         if live is not None:
@@ -131,7 +133,8 @@ def main() -> None:
             launch(params, device, sys.argv[1:], [args.model, args.log, args.summary])
             return
     # One process: this one trains, watched by a live run; under torchrun, the launcher's live run watches.
-    watched = live_run(params.mlflow.experiment, [args.model, args.log, args.summary], flatten(params)) \
+    device_tags = {**provenance(), "train.device": device.type, "train.world_size": "1", "train.backend": "none"}
+    watched = live_run(params.mlflow.experiment, [args.model, args.log, args.summary], flatten(params), device_tags) \
         if rank is None else contextlib.nullcontext()
     with watched as live:
         model_sha256 = train_and_write(args, params, rank, device)

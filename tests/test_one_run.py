@@ -281,7 +281,8 @@ def test_the_readme_recovery_after_dvc_met_a_full_disk(repo: Path, tmp_path: Pat
     result = subprocess.run(["unshare", "-rm", "bash", "-c", DISK_FULL], capture_output=True, text=True,
                             env=project_env(DISK=str(disk), REPO=str(repo), OUT=str(out), PYTHON=sys.executable,
                                             RECOVERY=recovery))
-    assert result.returncode == 0, f"{result.stderr}\n{(out / 'next.log').read_text() if (out / 'next.log').exists() else ''}"
+    next_log = (out / "next.log").read_text() if (out / "next.log").exists() else ""
+    assert result.returncode == 0, f"{result.stderr}\n{next_log}"
     full = (out / "full.log").read_text()
     assert (out / "full.rc").read_text().strip() != "0" and "Iteration" not in full
     # DVC failed before any stage ran, with one of the messages the README names.
