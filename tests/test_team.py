@@ -491,16 +491,16 @@ def test_two_machines_share_one_remote_and_one_tracking_server(baseline: Path, s
     assert runs["workspace"].data.metrics["test.accuracy"] == json.loads(
         (baseline / "reports/metrics.json").read_text())["test"]["accuracy"]
     for name in names:
-        run = runs[name]
-        assert run.data.tags["dvc.exp_name"] == name
-        assert run.info.status == "FINISHED" and run.info.run_name == name
-        assert run.data.metrics["test.accuracy"] == float(table[name]["test.accuracy"])
-        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+        exp_run = runs[name]
+        assert exp_run.data.tags["dvc.exp_name"] == name
+        assert exp_run.info.status == "FINISHED" and exp_run.info.run_name == name
+        assert exp_run.data.metrics["test.accuracy"] == float(table[name]["test.accuracy"])
+        steps = [m.step for m in client.get_metric_history(exp_run.info.run_id, "val_acc")]
         assert steps == ([100, 165] if table[name]["train.epochs"] == "1" else [100, 200, 300, 330])
-        assert len(client.list_artifacts(run.info.run_id, "figures")) == 3
-        version = versions[run.info.run_id]
-        assert run.data.tags["model.version"] == f"mnist-cnn/{version.version}"
-        assert version.tags["model_sha256"] == run.data.tags["model_sha256"]
+        assert len(client.list_artifacts(exp_run.info.run_id, "figures")) == 3
+        version = versions[exp_run.info.run_id]
+        assert exp_run.data.tags["model.version"] == f"mnist-cnn/{version.version}"
+        assert version.tags["model_sha256"] == exp_run.data.tags["model_sha256"]
 
     # The registered model of bob's experiment, loaded from the server, is the model DVC's experiment holds.
     version = versions[runs["bob-lr-0003"].info.run_id].version
