@@ -114,8 +114,13 @@ def lost_versions(database: Path) -> list[str]:
             rows = connection.execute(query, (FILES_LOST_TAG,)).fetchall()
     except sqlite3.Error:  # a store MLflow has not set up yet has no such tables
         return []
-    return [f"{name}/{version}" for name, version, location in rows if str(location).startswith("file:")
-            and not Path(urllib.request.url2pathname(urllib.parse.urlparse(location).path)).exists()]
+    return [f"{name}/{version}" for name, version, location in rows if _files_gone(str(location))]
+
+
+def _files_gone(location: str) -> bool:
+    """Whether a version's storage location is a local folder that no longer exists (a server's is not known)."""
+    return location.startswith("file:") and not Path(
+        urllib.request.url2pathname(urllib.parse.urlparse(location).path)).exists()
 
 
 def check_server(uri: str, timeout: float = 10) -> None:
@@ -248,8 +253,4 @@ def version_loadable(database: Path, version: str) -> bool:
             row = connection.execute(query, (name, int(number))).fetchone()
     except (sqlite3.Error, ValueError):
         return False
-    if row is None:
-        return False
-    location = str(row[0])
-    return not location.startswith("file:") or Path(
-        urllib.request.url2pathname(urllib.parse.urlparse(location).path)).exists()
+    return row is not None and not _files_gone(str(row[0]))
