@@ -45,7 +45,7 @@ from mnist_pipeline.digits import deskew, to_tensor
 from mnist_pipeline.files import atomic_write_json
 from mnist_pipeline.model import Net
 from mnist_pipeline.params import Params, load_params
-from mnist_pipeline.stage_commands import stage_commands
+from tools.stage_commands import stage_commands
 from mnist_pipeline.training import load_state_dict, make_deterministic, predict, state_dict_bytes, train
 
 STAGES = ("download", "split", "train", "evaluate", "plot", "record")
@@ -403,7 +403,7 @@ def team_server_ratio(repeats: int) -> dict | None:
     import statistics
 
     from mnist_pipeline.errors import PipelineError
-    from mnist_pipeline.team_server import pg_bin
+    from tools.team_server import pg_bin
 
     try:
         pg_bin("initdb")
@@ -413,7 +413,7 @@ def team_server_ratio(repeats: int) -> dict | None:
     admin = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(16)}
     data = Path(tempfile.mkdtemp(prefix="mnist-bench-team-"))
     data.chmod(0o711)  # PostgreSQL runs as `postgres` under root: it must reach its folder
-    server = [sys.executable, "-m", "mnist_pipeline.team_server"]
+    server = [sys.executable, "-m", "tools.team_server"]
     here = Path(__file__).resolve().parents[1]  # where the package is, whatever the working folder
     port, db_port = free_port(), free_port()
     try:

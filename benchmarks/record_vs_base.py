@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mnist_pipeline.stage_commands import stage_commands
+from tools.stage_commands import stage_commands
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = "921a8ab"  # main before issue 21: a run per record, ~20 calls, a model logged after its metrics
@@ -155,7 +155,7 @@ def team_server_pairs(env: dict[str, str], repeats: int, root: Path) -> dict | N
     import secrets
 
     from mnist_pipeline.errors import PipelineError
-    from mnist_pipeline.team_server import pg_bin
+    from tools.team_server import pg_bin
 
     try:
         pg_bin("initdb")
@@ -166,7 +166,7 @@ def team_server_pairs(env: dict[str, str], repeats: int, root: Path) -> dict | N
     admin = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(16)}
     data = Path(tempfile.mkdtemp(prefix="mnist-bench-team-"))
     data.chmod(0o711)  # PostgreSQL runs as `postgres` under root: it must reach its folder
-    server = [sys.executable, "-m", "mnist_pipeline.team_server"]
+    server = [sys.executable, "-m", "tools.team_server"]
     port, db_port = free_port(), free_port()
     result = {}
     try:

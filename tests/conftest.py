@@ -31,7 +31,7 @@ import stages  # noqa: F401  first of the project: the CPU kernel pins are set b
 from mnist_pipeline import cpu_kernels, sources
 from mnist_pipeline.data import MNIST_FILES, MnistFile
 from mnist_pipeline.params import load_params
-from mnist_pipeline.stage_commands import stage_commands
+from tools.stage_commands import stage_commands
 
 REPO = Path(__file__).resolve().parents[1]
 # The tests talk to nothing but 127.0.0.1 and the data sources they name: no usage reports from DVC or MLflow,

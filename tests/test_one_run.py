@@ -156,7 +156,7 @@ def test_every_experiment_dvc_lists_has_a_run_found_by_dvc_metric_names(repo: Pa
 
 
 def test_gone_experiments_are_listed_then_deleted_restorably(repo: Path) -> None:
-    command = [sys.executable, "-m", "mnist_pipeline.gone_runs", "--min-age", "0"]
+    command = [sys.executable, "-m", "tools.gone_runs", "--min-age", "0"]
     env = project_env(PYTHONPATH=str(repo))
     dvc(repo, "exp", "run", "--temp", "-n", "to-remove", "-S", "plot.n_images=4")
     dvc(repo, "exp", "run", "--temp", "-n", "to-keep", "-S", "plot.n_images=5")

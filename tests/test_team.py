@@ -2,7 +2,7 @@
 
 Each "machine" is a git clone with its own DVC cache; they share a bare git repo as `origin`, the DVC remote
 `origin` (pointed at the team's storage with `dvc remote modify --local`, as the README says) and the tracking
-server that `python -m mnist_pipeline.team_server` starts. Training is shrunk to one epoch of the real data.
+server that `python -m tools.team_server` starts. Training is shrunk to one epoch of the real data.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import yaml
 from mnist_pipeline.data import load_mnist
 from mnist_pipeline.digits import to_tensor
 from mnist_pipeline.model import Net
-from mnist_pipeline.stage_commands import stage_commands
+from tools.stage_commands import stage_commands
 from mnist_pipeline.store import StoreError, check_store, resolve_store
 from mnist_pipeline.training import load_state_dict
 from tests.conftest import (
@@ -137,7 +137,7 @@ class Team:
 
 
 def team_server(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mnist_pipeline.team_server", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "tools.team_server", *args], cwd=REPO,
                           env=project_env(**env), capture_output=True, text=True)
 
 
@@ -155,7 +155,7 @@ def team() -> Iterator[Team]:
         url = f"http://127.0.0.1:{port}"
         for user, flags in (("alice", ["--can-register"]), ("bob", ["--can-register"]), ("carol", [])):
             added = subprocess.run(  # the README's command, the password on standard input
-                [sys.executable, "-m", "mnist_pipeline.team_server", "add-user", "--data", str(data), user, *flags],
+                [sys.executable, "-m", "tools.team_server", "add-user", "--data", str(data), user, *flags],
                 cwd=REPO, env=project_env(**Team(url, data).env("admin")), input=PASSWORDS[user] + "\n",
                 capture_output=True, text=True)
             assert added.returncode == 0, added.stderr
@@ -516,7 +516,7 @@ def test_two_machines_share_one_remote_and_one_tracking_server(baseline: Path, s
     np.testing.assert_allclose(np.stack(answer["probabilities"]), expected, rtol=1e-4, atol=1e-6)
 
     # Gone runs from bob's clone, which never pulled alice's grid: her experiments are on git's origin, not gone.
-    gone = [sys.executable, "-m", "mnist_pipeline.gone_runs", "--delete", "--min-age", "0"]
+    gone = [sys.executable, "-m", "tools.gone_runs", "--delete", "--min-age", "0"]
     refused = subprocess.run(gone, cwd=b, env=project_env(**team.env("bob")), capture_output=True, text=True)
     assert refused.returncode == 1 and refused.stderr.startswith(f"error: {team.url} is a tracking server")
     for extra in ([], ["--all-accounts"], ["--all-accounts"]):  # the second time the same: nothing

@@ -12,7 +12,7 @@ from tests.conftest import REPO, project_env
 
 
 def team_server(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "mnist_pipeline.team_server", *args], cwd=REPO, env=project_env(),
+    return subprocess.run([sys.executable, "-m", "tools.team_server", *args], cwd=REPO, env=project_env(),
                           capture_output=True, text=True)
 
 
@@ -49,7 +49,7 @@ def test_data_that_is_a_file_is_one_line(tmp_path: Path) -> None:
 
 
 def test_a_pid_file_from_before_a_reboot_never_names_another_process(tmp_path: Path) -> None:
-    from mnist_pipeline.team_server import TeamServer, process_start
+    from tools.team_server import TeamServer, process_start
 
     other = subprocess.Popen(["sleep", "60"])  # an unrelated process that got the number the file holds
     try:

@@ -1,9 +1,9 @@
 """The team's tracking server: `mlflow server` on a PostgreSQL database, artifacts served, basic-auth logins.
 
-    MLFLOW_AUTH_ADMIN_PASSWORD=... python -m mnist_pipeline.team_server start --data /srv/mnist-team
-    python -m mnist_pipeline.team_server add-user --data /srv/mnist-team alice --can-register  # asks a password
-    python -m mnist_pipeline.team_server status --data /srv/mnist-team
-    python -m mnist_pipeline.team_server stop --data /srv/mnist-team
+    MLFLOW_AUTH_ADMIN_PASSWORD=... python -m tools.team_server start --data /srv/mnist-team
+    python -m tools.team_server add-user --data /srv/mnist-team alice --can-register  # asks a password
+    python -m tools.team_server status --data /srv/mnist-team
+    python -m tools.team_server stop --data /srv/mnist-team
 
 Everything lives in the data folder: the PostgreSQL cluster (`pg/`, made by initdb, run by pg_ctl, no system
 service), the artifacts the server stores for its clients (`artifacts/`), the auth app's settings, the logs, and
@@ -252,7 +252,7 @@ class TeamServer:
 
     def start_watchdog(self, stop_after: float) -> None:
         """Stop everything after `stop_after` seconds even if nobody calls stop (tests, demos)."""
-        stop = shlex.join([sys.executable, "-m", "mnist_pipeline.team_server", "stop", "--data", str(self.data)])
+        stop = shlex.join([sys.executable, "-m", "tools.team_server", "stop", "--data", str(self.data)])
         process = subprocess.Popen(["sh", "-c", f"sleep {int(stop_after)} && exec {stop}"],
                                    cwd=Path(__file__).resolve().parents[1], start_new_session=True,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

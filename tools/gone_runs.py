@@ -1,6 +1,6 @@
 """List (and with --delete, delete restorably) the MLflow runs whose DVC experiment no longer exists anywhere.
 
-Run it in the repo root: python -m mnist_pipeline.gone_runs [--delete]. An experiment exists while this
+Run it in the repo root: python -m tools.gone_runs [--delete]. An experiment exists while this
 clone lists it (`dvc exp list -A`) or a git remote holds its ref (what `dvc exp push` sends), so a
 teammate's experiment that this clone never pulled is not gone. Only this account's runs are touched
 unless --all-accounts says otherwise; a tracking server is only touched with --team-server.
