@@ -1,9 +1,11 @@
-"""Wall times of the pipeline as a user runs it: a fresh clone's `dvc repro` stage by stage, and plot-only experiments.
+"""Wall times of the pipeline as a user runs it: a fresh clone's `dvc repro` stage by stage, plot-only experiments,
+each stage's start-up, and a `dvc repro` with nothing to do.
 
-Used by benchmarks/bench.py. It works in a temporary `git clone` of this repository's committed HEAD (not of
-uncommitted changes) with a DVC cache of its own, so nothing is restored from this workspace's run-cache and
-nothing is added to its experiments or MLflow store. The MNIST files come from this workspace's raw data folder
-as MNIST_MIRROR: the download stage's network time is left out, since it measures the network, not the pipeline.
+Sections `pipeline`, `startup_s` and `noop_dvc_repro_s` of benchmarks/bench.py. The first works in a temporary
+`git clone` of this repository's committed HEAD (not of uncommitted changes) with a DVC cache of its own, so nothing
+is restored from this workspace's run-cache and nothing is added to its experiments or MLflow store. The MNIST files
+come from this workspace's raw data folder as MNIST_MIRROR: the download stage's network time is left out, since it
+measures the network, not the pipeline.
 """
 
 from __future__ import annotations
@@ -18,10 +20,11 @@ import time
 from pathlib import Path
 
 from mnist_pipeline.data import MNIST_FILES
+from tools.stage_commands import stage_commands
 
 # DVC's lines that start a stage's share of the wall time; a skipped stage's share is DVC's check of it.
 EVENT = re.compile(r"Running stage '([^']+)'|Stage '([^']+)' didn't change, skipping")
-LOOP_DONE = re.compile(r"End of the training loop! ([0-9.]+) s on")  # printed by stages/train.py at its end
+LOOP_DONE = re.compile(r"End of the training loop! ([0-9.]+) s on")  # printed by train_job.py at the train stage's end
 
 
 def timed_lines(command: list[str], cwd: Path, env: dict[str, str]) -> tuple[float, list[tuple[float, str]]]:
@@ -77,7 +80,7 @@ def pipeline_times(repo: Path, raw: Path, n_images: int, plot_only_runs: int) ->
         total, lines = timed_lines([sys.executable, "-m", "dvc", "repro"], clone, env)
         loop = next((float(m.group(1)) for _, line in lines if (m := LOOP_DONE.search(line))), None)
         if loop is None:
-            sys.exit("benchmark: stages/train.py printed no \"End of the training loop! <seconds> s on\" line")
+            sys.exit("benchmark: the train stage printed no \"End of the training loop! <seconds> s on\" line")
         plot_only = []
         for n in plot_only_values(n_images, plot_only_runs):  # each a new result, with its own MLflow run
             seconds, exp_lines = timed_lines(
@@ -86,3 +89,26 @@ def pipeline_times(repo: Path, raw: Path, n_images: int, plot_only_runs: int) ->
     return {"fresh_clone_repro_s": round(total, 2), "stages": stage_seconds(total, lines), "training_loop_s": loop,
             "fresh_clone_without_training_loop_s": round(total - loop, 2), "plot_only_exps": plot_only,
             "plot_only_exp_median_s": round(statistics.median(run["seconds"] for run in plot_only), 2)}
+
+
+def startup_seconds() -> dict[str, float]:
+    """Seconds each stage takes to start (imports and argument parsing, via --help), best of two."""
+    result = {}
+    for stage in stage_commands():
+        runs = []
+        for _ in range(2):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", f"stages.{stage}", "--help"], check=True, capture_output=True)
+            runs.append(time.perf_counter() - start)
+        result[stage] = round(min(runs), 2)
+    return result
+
+
+def noop_repro_seconds() -> float | None:
+    """Wall time of `dvc repro` when nothing changed; None if the pipeline is not up to date here."""
+    status = subprocess.run([sys.executable, "-m", "dvc", "status"], capture_output=True, text=True)
+    if "up to date" not in status.stdout:
+        return None
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "dvc", "repro"], check=True, capture_output=True)
+    return round(time.perf_counter() - start, 2)

@@ -20,9 +20,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from tools.stage_commands import stage_commands
+from benchmarks.record import REPO, have_postgres, record_seconds, team_server
+from benchmarks.turns import in_turns, ratio_spread
 
-REPO = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = "921a8ab"  # main before issue 21: a run per record, ~20 calls, a model logged after its metrics
 # What the script that fills a store writes into each run: about what a real run holds, without a model.
 FILLER = """
@@ -45,13 +45,6 @@ for i in range(int(sys.argv[1])):
 """
 
 
-def record_args(tree: Path, marker: Path, model: Path | None) -> list[str]:
-    """The record stage's arguments in `tree`'s dvc.yaml, on this workspace's outputs (absolute paths)."""
-    args = stage_commands(tree / "dvc.yaml")["record"]
-    given = {"--marker": marker, "--model": model}
-    return [arg if arg.startswith("--") else str(given.get(args[i - 1]) or REPO / arg) for i, arg in enumerate(args)]
-
-
 def model_variants(folder: Path, count: int) -> list[Path]:
     """Copies of this workspace's model, each with one bias nudged: as many new models (new files) as needed."""
     import torch
@@ -65,18 +58,6 @@ def model_variants(folder: Path, count: int) -> list[Path]:
         torch.save(nudged, folder / f"model-{k}.pt")
         paths.append(folder / f"model-{k}.pt")
     return paths
-
-
-def record_seconds(tree: Path, store_root: Path, env: dict[str, str], model: Path | None = None) -> float:
-    """One record stage of `tree`'s code into the store under `store_root` (its marker there too)."""
-    store_root.mkdir(exist_ok=True)
-    command = [sys.executable, "-m", "stages.record", *record_args(tree, store_root / "recorded", model)]
-    start = time.perf_counter()
-    result = subprocess.run(command, cwd=tree, capture_output=True, text=True,
-                            env={**env, "PYTHONPATH": str(tree), "DVC_ROOT": str(store_root)})
-    if result.returncode != 0:
-        sys.exit(f"benchmark: {tree.name}'s record stage failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
-    return time.perf_counter() - start
 
 
 def check_seconds(tree: Path, store_root: Path, env: dict[str, str]) -> float:
@@ -104,15 +85,10 @@ def copy_store(store: Path, dest: Path) -> Path:
 
 
 def pairs(measure: Callable[[str, int], float], repeats: int) -> dict:
-    """`measure(tree, i)` for both trees `repeats` times, alternating which goes first; medians and ratios."""
-    times: dict[str, list[float]] = {"now": [], "base": []}
-    for i in range(repeats):
-        for tree in (("now", "base") if i % 2 == 0 else ("base", "now")):
-            times[tree].append(measure(tree, i))
-    ratios = [n / b for n, b in zip(times["now"], times["base"])]
+    """`measure(tree, i)` for both trees in `repeats` turns (benchmarks/turns.py); medians and ratios now / base."""
+    times = in_turns(measure, ("now", "base"), repeats)
     return {"now_s": round(statistics.median(times["now"]), 2), "base_s": round(statistics.median(times["base"]), 2),
-            "ratio": round(statistics.median(ratios), 2), "ratio_min": round(min(ratios), 2),
-            "ratio_max": round(max(ratios), 2)}
+            **ratio_spread(times["now"], times["base"])}
 
 
 def base_tree(base: str, folder: Path) -> Path:
@@ -152,47 +128,25 @@ def plot_only_pairs(trees: dict[str, Path], root: Path, env: dict[str, str], rep
 
 def team_server_pairs(env: dict[str, str], repeats: int, root: Path) -> dict | None:
     """Each tree's record stage against a team server over the same work into a local store: ratio server/local."""
-    import secrets
-
-    from mnist_pipeline.errors import PipelineError
-    from tools.team_server import pg_bin
-
-    try:
-        pg_bin("initdb")
-    except PipelineError:
+    if not have_postgres():
         return None
-    from benchmarks.bench import free_port
-
-    admin = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(16)}
-    data = Path(tempfile.mkdtemp(prefix="mnist-bench-team-"))
-    data.chmod(0o711)  # PostgreSQL runs as `postgres` under root: it must reach its folder
-    server = [sys.executable, "-m", "tools.team_server"]
-    port, db_port = free_port(), free_port()
-    result = {}
-    try:
-        subprocess.run([*server, "start", "--data", str(data), "--port", str(port), "--db-port", str(db_port),
-                        "--stop-after", "3600"], check=True, capture_output=True, cwd=REPO,
-                       env={**env, "MLFLOW_AUTH_ADMIN_PASSWORD": admin["MLFLOW_TRACKING_PASSWORD"]})
-        remote = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}", **admin}
+    trees = {"now": REPO, "base": root / "base"}
+    with team_server(env) as client:
+        remote = {**env, **client}
         models = iter(model_variants(root / "team-models", 2 * repeats))
-        trees = {"now": REPO, "base": root / "base"}
-        times = {name: {"local": [], "server": []} for name in trees}
-        for i in range(repeats):
-            for name in (("now", "base") if i % 2 == 0 else ("base", "now")):
-                # The same work on both stores: a model new to each (a nudged copy), so both log and register it.
-                model = next(models)
-                times[name]["local"].append(record_seconds(trees[name], root / f"team-{name}-local-{i}", env, model))
-                server_root = root / f"team-{name}-server-{i}"
-                times[name]["server"].append(record_seconds(trees[name], server_root, remote, model))
-        for name, measured in times.items():
-            ratios = [s / q for s, q in zip(measured["server"], measured["local"])]
-            result[name] = {"local_s": round(statistics.median(measured["local"]), 2),
-                            "server_s": round(statistics.median(measured["server"]), 2),
-                            "ratio": round(statistics.median(ratios), 2), "ratio_min": round(min(ratios), 2),
-                            "ratio_max": round(max(ratios), 2)}
-    finally:
-        subprocess.run([*server, "stop", "--data", str(data)], capture_output=True, cwd=REPO)
-        shutil.rmtree(data, ignore_errors=True)
+
+        def one(name: str, i: int) -> tuple[float, float]:
+            # The same work on both stores: a model new to each (a nudged copy), so both log and register it.
+            model = next(models)
+            local = record_seconds(trees[name], root / f"team-{name}-local-{i}", env, model)
+            return local, record_seconds(trees[name], root / f"team-{name}-server-{i}", remote, model)
+
+        times = in_turns(one, ("now", "base"), repeats)
+    result = {}
+    for name, measured in times.items():
+        local, server = [t[0] for t in measured], [t[1] for t in measured]
+        result[name] = {"local_s": round(statistics.median(local), 2), "server_s": round(statistics.median(server), 2),
+                        **ratio_spread(server, local)}
     return result
 
 
@@ -233,47 +187,3 @@ def record_comparison(base: str, repeats: int) -> dict:
         report["team_server"] = team_server_pairs(env, repeats, root)
     return report
 
-
-def live_curves_cost(repeats: int, epochs: int = 1) -> dict:
-    """The train stage with its live MLflow run against MNIST_LIVE_CURVES=off, in pairs, alternating which goes
-    first, on the real data (`epochs` of training, the other params as committed), each into a fresh store."""
-    import re
-
-    import yaml
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_", "MNIST_LIVE"))}
-    args = stage_commands(REPO / "dvc.yaml")["train"]
-    with tempfile.TemporaryDirectory(prefix="mnist-bench-live-") as folder:
-        root = Path(folder)
-        params = yaml.safe_load((REPO / "params.yaml").read_text())
-        params["train"]["epochs"] = epochs
-        (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        (root / "data").mkdir()
-        for name in ("raw", "split"):
-            (root / "data" / name).symlink_to(REPO / "data" / name)
-
-        def one(switch: str, i: int) -> tuple[float, float]:
-            store = root / f"{switch}-{i}"
-            store.mkdir()
-            start = time.perf_counter()
-            result = subprocess.run([sys.executable, "-m", "stages.train", *args], cwd=root, capture_output=True,
-                                    text=True, env={**env, "PYTHONPATH": str(REPO), "DVC_ROOT": str(store),
-                                                    "MNIST_LIVE_CURVES": switch})
-            total = time.perf_counter() - start
-            loop = re.search(r"End of the training loop! ([0-9.]+) s on", result.stdout)
-            if result.returncode != 0 or loop is None:
-                sys.exit(f"benchmark: the train stage failed: {result.stderr.strip()[-300:]}")
-            return float(loop.group(1)), total
-
-        times: dict[str, list[tuple[float, float]]] = {"on": [], "off": []}
-        for i in range(repeats):
-            for switch in (("on", "off") if i % 2 == 0 else ("off", "on")):
-                times[switch].append(one(switch, i))
-    report = {}
-    for what, index in (("loop", 0), ("stage", 1)):
-        ratios = [on[index] / off[index] for on, off in zip(times["on"], times["off"])]
-        report[what] = {"on_s": round(statistics.median(t[index] for t in times["on"]), 2),
-                        "off_s": round(statistics.median(t[index] for t in times["off"]), 2),
-                        "ratio": round(statistics.median(ratios), 3), "ratio_min": round(min(ratios), 3),
-                        "ratio_max": round(max(ratios), 3)}
-    return {"epochs": epochs, "pairs": repeats, **report}

@@ -1,10 +1,12 @@
-"""Training on several processes and machines with torchrun: the checks before launching, the launch, one line for a failure."""
+"""Training on several processes and machines with torchrun: the checks before launching, the launch, joining the
+job, one line for a failure."""
 
 from __future__ import annotations
 
 import ctypes
 import errno
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -21,17 +23,25 @@ import torch
 import torch.distributed as dist
 
 from mnist_pipeline.cpu_kernels import PINS
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.errors import PipelineError, first_line, interrupt, interrupted
 from mnist_pipeline.params import PARAMS_FILE, Params, ParamsError, flatten
 
 # torchrun takes each of its flags from a PET_<FLAG> variable too. The stage run by DVC on the first machine
-# joins a job over several machines through these; the other machines run torchrun with the same flags (README).
+# joins a job over several machines through these; the other machines run torchrun with the same flags
+# (docs/distributed.md).
 NODES_ENV, ENDPOINT_ENV, BACKEND_ENV = "PET_NNODES", "PET_RDZV_ENDPOINT", "PET_RDZV_BACKEND"
 # Marks, in a process's error file, a collective that failed because a peer had gone.
 LOST = "lost"
 # The pid of the train stage that launched this machine's processes: they end with it (die_with_launcher).
 LAUNCHER_ENV = "MNIST_PIPELINE_LAUNCHER_PID"
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent dies
+# The modules whose code makes a training's result, which every process of a job must run alike: the train stage's
+# code deps in dvc.yaml (tests/test_distributed.py holds the two lists equal).
+TRAINING_CODE = (
+    "stages", "stages.train", "mnist_pipeline.train_job", "mnist_pipeline.training", "mnist_pipeline.distributed",
+    "mnist_pipeline.reports", "mnist_pipeline.digits", "mnist_pipeline.model", "mnist_pipeline.cpu_kernels",
+    "mnist_pipeline.data", "mnist_pipeline.files", "mnist_pipeline.params",
+)
 
 
 class JobFailed(PipelineError):
@@ -84,7 +94,8 @@ def processes_here(processes: int, device: torch.device) -> int:
         limit, what = len(os.sched_getaffinity(0)), "usable CPU cores (os.sched_getaffinity)"
     if here > limit:
         raise ParamsError(PARAMS_FILE, "train.processes", f"{here} processes on this machine, but it has {limit} "
-                          f"{what}; set at most {limit * nodes}, or spread them over more machines (see the README)")
+                          f"{what}; set at most {limit * nodes}, or spread them over more machines "
+                          "(docs/distributed.md)")
     return here
 
 
@@ -196,6 +207,11 @@ def join(processes: int, device: torch.device) -> tuple[Rank, torch.device]:
     return Rank(dist.get_rank(), local_rank, world_size, backend), device
 
 
+def training_code() -> list[Path]:
+    """The files of TRAINING_CODE, found as this process imports them (a module run by `-m` is found, not rerun)."""
+    return [Path(importlib.util.find_spec(name).origin) for name in TRAINING_CODE]
+
+
 def check_same_inputs(params: Params, arrays: list, code: list[Path]) -> None:
     """Refuse to train when processes differ in params, data or code: they would train different models silently."""
     def digest(chunks: list[bytes]) -> str:
@@ -226,13 +242,9 @@ def one_line(err: BaseException) -> str:
     if isinstance(err, PipelineError):
         return str(err)
     if isinstance(err, KeyboardInterrupt):
-        return f"interrupted{f' ({err})' if str(err) else ''}"
-    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+        return interrupted(err)
+    first = first_line(str(err))
     return f"{type(err).__name__}: {first}" if first else type(err).__name__
-
-
-def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
 
 def die_with_launcher() -> None:
@@ -261,7 +273,7 @@ def run_rank(main: Callable[[], None]) -> None:
     atomic writes remove their temporary files. A launcher that dies takes the processes with it.
     """
     die_with_launcher()
-    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGTERM, interrupt)
     try:
         main()
     except BaseException as err:  # every failure, so that torchrun learns its cause

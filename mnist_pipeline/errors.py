@@ -1,13 +1,34 @@
-"""The errors a stage reports in one line: bad params or data, a failed download, a failed write."""
+"""The errors a stage reports in one line (bad params or data, a failed download, a failed write), and how."""
 
 from __future__ import annotations
 
+import signal
 import sys
 from collections.abc import Callable
 
 
 class PipelineError(Exception):
     """A problem the user can act on; the message names the file and the key or byte offset."""
+
+
+def text_lines(text: str) -> list[str]:
+    """The non-blank lines of a message or a log, stripped: tracebacks and tools pad theirs with blank lines."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def first_line(text: str) -> str:
+    """The first non-blank line of a message (a library's error can run to hundreds of lines), or ""."""
+    return next(iter(text_lines(text)), "")
+
+
+def interrupt(signum: int, _frame: object) -> None:
+    """A SIGTERM handler: raise KeyboardInterrupt, so that runs end KILLED and temporary files go as on Ctrl+C."""
+    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
+
+
+def interrupted(err: KeyboardInterrupt) -> str:
+    """An interruption in words: `interrupted`, and by what when known (stopped by signal SIGTERM)."""
+    return f"interrupted{f' ({err})' if str(err) else ''}"
 
 
 def run_stage(main: Callable[[], None]) -> None:
@@ -17,4 +38,4 @@ def run_stage(main: Callable[[], None]) -> None:
     except PipelineError as err:
         sys.exit(f"error: {err}")
     except KeyboardInterrupt as err:
-        sys.exit(f"interrupted{f' ({err})' if str(err) else ''}: outputs not yet written are left as they were")
+        sys.exit(f"{interrupted(err)}: outputs not yet written are left as they were")

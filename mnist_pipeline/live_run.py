@@ -24,8 +24,10 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from mnist_pipeline.errors import first_line, interrupt, interrupted
+
 if TYPE_CHECKING:
-    from mnist_pipeline.training import LogRow
+    from mnist_pipeline.reports import LogRow
 
 REPORTS_ENV = "MNIST_LIVE_REPORTS"  # the file the first training process appends its reports to
 SWITCH_ENV = "MNIST_LIVE_CURVES"  # "off": no run during training (record makes the run afterwards)
@@ -113,23 +115,18 @@ def live_run(experiment: str, outputs: list[Path], params: dict[str, object],
             print(f"train: no live curves in MLflow ({live}); record logs them with the result", file=sys.stderr)
             yield None
             return
-        previous = signal.signal(signal.SIGTERM, _stopped)  # so that the run says what stopped the training
+        previous = signal.signal(signal.SIGTERM, interrupt)  # so that the run says what stopped the training
         try:
             yield live
         except KeyboardInterrupt as err:
-            live.end("KILLED", f"interrupted{f' ({err})' if str(err) else ''}")
+            live.end("KILLED", interrupted(err))
             raise
         except BaseException as err:
-            lines = str(err).strip().splitlines()
-            live.end("FAILED", lines[0] if lines else type(err).__name__)
+            live.end("FAILED", first_line(str(err)) or type(err).__name__)
             raise
         finally:
             signal.signal(signal.SIGTERM, previous)
         live.end("FINISHED")
-
-
-def _stopped(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
 
 
 def _helper(reports: Path) -> None:
@@ -140,6 +137,7 @@ def _helper(reports: Path) -> None:
     from mlflow.entities import Metric, Param, RunTag
 
     from mnist_pipeline import tracking
+    from mnist_pipeline.result import WORKSPACE_RUN_NAME, run_tags
     from mnist_pipeline.store import resolve_store
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # a new store's INFO lines are not the stage's output
@@ -149,8 +147,8 @@ def _helper(reports: Path) -> None:
         with tracking.store_errors(store, "the training curves go to MLflow once the result is recorded"):
             experiment_id = tracking.configure(store, start["experiment"])
             client = mlflow.MlflowClient()
-            tags = tracking.run_tags([Path(p) for p in start["outputs"]])
-            name = tags.get("dvc.exp_name", tracking.WORKSPACE_RUN_NAME)
+            tags = run_tags([Path(p) for p in start["outputs"]])
+            name = tags.get("dvc.exp_name", WORKSPACE_RUN_NAME)
             run = client.create_run(experiment_id, run_name=name,
                                     tags={**tags, **start["tags"], TRAINING_TAG: "running"})
             params = [Param(k, v) for k, v in start["params"].items()]
@@ -173,7 +171,7 @@ def _helper(reports: Path) -> None:
         now = int(time.time() * 1000)
         metrics = [Metric(key, float(row[key]), now, int(row["iteration"])) for row in rows for key in CURVES]
         if metrics:
-            tracking.retry_busy(client.log_batch, run.info.run_id, metrics=metrics)
+            client.log_batch(run.info.run_id, metrics=metrics)
 
     end = {"end": "KILLED", "cause": "the train stage stopped without a word (killed)"}
     while True:

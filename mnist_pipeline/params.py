@@ -6,15 +6,22 @@ import dataclasses
 import difflib
 import re
 import typing
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic import ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+from pydantic_core import ErrorDetails
 
 from mnist_pipeline.errors import PipelineError
 
 PARAMS_FILE = "params.yaml"
+
+# Pydantic dataclasses rather than BaseModel: callers and tests derive recipes with dataclasses.replace (which
+# validates again) and flatten() uses dataclasses.asdict. Strict types: YAML's `true` must not pass as 1, nor
+# "0.1" as a number; an integer still passes as a float.
+_section = dataclass(frozen=True, config=ConfigDict(extra="forbid"))
 
 
 class ParamsError(PipelineError, ValueError):
@@ -26,123 +33,79 @@ class ParamsError(PipelineError, ValueError):
         self.key = key
 
 
-class _Invalid(ValueError):
-    """Raised by a section's check(); the loader adds the file and the section."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
+# A figure's grid: a square of up to 10 x 10 images.
+GridSize = Annotated[StrictInt, Field(ge=1, le=100)]
 
 
-def _require(ok: bool, key: str, message: str) -> None:
-    if not ok:
-        raise _Invalid(key, message)
-
-
-@dataclass(frozen=True)
+@_section
 class DownloadParams:
     """How long one network request may wait."""
 
-    timeout_s: float
-
-    def check(self) -> None:
-        _require(0 < self.timeout_s <= 3600, "timeout_s", f"must be in (0, 3600], got {self.timeout_s}")
+    timeout_s: Annotated[StrictFloat, Field(gt=0, le=3600)]
 
 
-@dataclass(frozen=True)
+@_section
 class SplitParams:
     """Which share of the 60,000 training images is held out for validation."""
 
-    val_fraction: float
-
-    def check(self) -> None:
-        _require(0 < self.val_fraction < 1, "val_fraction", f"must be in (0, 1), got {self.val_fraction}")
+    val_fraction: Annotated[StrictFloat, Field(gt=0, lt=1)]
 
 
-@dataclass(frozen=True)
+@_section
 class TrainParams:
     """The training recipe for the seed's CNN."""
 
     device: Literal["auto", "cpu", "cuda"]
-    num_threads: int
-    processes: int
-    batch_size: int
-    epochs: int
+    num_threads: Annotated[StrictInt, Field(ge=1, le=256)]
+    processes: Annotated[StrictInt, Field(ge=1, le=1024)]
+    batch_size: Annotated[StrictInt, Field(ge=1, le=60000)]
+    epochs: Annotated[StrictInt, Field(ge=1, le=1000)]
     optimizer: Literal["adam", "adamw", "sgd"]
-    lr: float
-    momentum: float
-    weight_decay: float
+    lr: Annotated[StrictFloat, Field(gt=0, le=10)]
+    momentum: Annotated[StrictFloat, Field(ge=0, lt=1)]
+    weight_decay: Annotated[StrictFloat, Field(ge=0, lt=1)]
     schedule: Literal["constant", "onecycle"]
-    shift: int
-    deskew: bool
-    log_every: int
-
-    def check(self) -> None:
-        _require(1 <= self.num_threads <= 256, "num_threads", f"must be in [1, 256], got {self.num_threads}")
-        _require(1 <= self.processes <= 1024, "processes", f"must be in [1, 1024], got {self.processes}")
-        _require(1 <= self.batch_size <= 60000, "batch_size", f"must be in [1, 60000], got {self.batch_size}")
-        _require(1 <= self.epochs <= 1000, "epochs", f"must be in [1, 1000], got {self.epochs}")
-        _require(0 < self.lr <= 10, "lr", f"must be in (0, 10], got {self.lr}")
-        _require(0 <= self.momentum < 1, "momentum", f"must be in [0, 1), got {self.momentum}")
-        _require(0 <= self.weight_decay < 1, "weight_decay", f"must be in [0, 1), got {self.weight_decay}")
-        _require(0 <= self.shift <= 4, "shift", f"must be in [0, 4] pixels, got {self.shift}")
-        _require(self.log_every >= 1, "log_every", f"must be at least 1, got {self.log_every}")
+    shift: Annotated[StrictInt, Field(ge=0, le=4)]  # pixels
+    deskew: StrictBool
+    log_every: Annotated[StrictInt, Field(ge=1)]
 
 
-@dataclass(frozen=True)
+@_section
 class EvaluateParams:
     """How many test images are scored at once."""
 
-    batch_size: int
-
-    def check(self) -> None:
-        _require(1 <= self.batch_size <= 10000, "batch_size", f"must be in [1, 10000], got {self.batch_size}")
+    batch_size: Annotated[StrictInt, Field(ge=1, le=10000)]
 
 
-@dataclass(frozen=True)
+@_section
 class PlotParams:
     """How many images the figure grids show."""
 
-    n_images: int
-    n_misclassified: int
-
-    def check(self) -> None:
-        _require(1 <= self.n_images <= 100, "n_images", f"must be in [1, 100], got {self.n_images}")
-        _require(
-            1 <= self.n_misclassified <= 100, "n_misclassified", f"must be in [1, 100], got {self.n_misclassified}"
-        )
+    n_images: GridSize
+    n_misclassified: GridSize
 
 
-@dataclass(frozen=True)
+@_section
 class MlflowParams:
     """Where runs and models are recorded in MLflow."""
 
-    experiment: str
-    registered_model: str
-
-    def check(self) -> None:
-        _require(self.experiment.strip() != "", "experiment", "must not be empty")
-        _require(
-            re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.registered_model) is not None,
-            "registered_model",
-            f"must be letters, digits, '.', '_' or '-', got {self.registered_model!r}",
-        )
+    # A pattern's description is the error message when it does not match.
+    experiment: Annotated[StrictStr, Field(pattern=r"\S", description="must not be empty")]
+    registered_model: Annotated[StrictStr, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                                                 description="must be letters, digits, '.', '_' or '-'")]
 
 
-@dataclass(frozen=True)
+@_section
 class Params:
     """All of params.yaml: a shared seed and one section per stage, plus MLflow's."""
 
-    seed: int
+    seed: Annotated[StrictInt, Field(ge=0, lt=2**32)]
     download: DownloadParams
     split: SplitParams
     train: TrainParams
     evaluate: EvaluateParams
     plot: PlotParams
     mlflow: MlflowParams
-
-    def check(self) -> None:
-        _require(0 <= self.seed < 2**32, "seed", f"must be in [0, 2**32), got {self.seed}")
 
 
 class _Loader(yaml.SafeLoader):
@@ -166,7 +129,12 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
         raw = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as err:
         raise ParamsError(path, "<file>", f"is not valid YAML: {err}") from None
-    return _build(Params, raw, path, "")
+    try:
+        return TypeAdapter(Params).validate_python(raw)
+    except ValidationError as err:
+        # A misspelt key is also a missing one; naming the unknown spelling (with its hint) says what to fix.
+        first = min(err.errors(), key=lambda error: error["type"] not in _UNKNOWN)
+        raise _params_error(path, first) from None
 
 
 def flatten(params: Params) -> dict[str, Any]:
@@ -180,49 +148,50 @@ def flatten(params: Params) -> dict[str, Any]:
     return flat
 
 
-def _build(cls: type, raw: Any, path: str | Path, prefix: str) -> Any:
-    section = prefix.rstrip(".") or "<top level>"
-    if not isinstance(raw, dict):
-        raise ParamsError(path, section, f"must be a mapping of keys to values, got {type(raw).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [field.name for field in dataclasses.fields(cls)]
-    for key in raw:
-        if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; expected one of {', '.join(names)}"
-            raise ParamsError(path, f"{prefix}{key}", f"unknown key{hint}")
-    values = {}
-    for name in names:
-        key = f"{prefix}{name}"
-        if name not in raw:
-            raise ParamsError(path, key, "missing key")
-        kind = hints[name]
-        if dataclasses.is_dataclass(kind):
-            values[name] = _build(kind, raw[name], path, f"{key}.")
-        else:
-            values[name] = _convert(raw[name], kind, path, key)
-    obj = cls(**values)
-    try:
-        obj.check()
-    except _Invalid as err:
-        raise ParamsError(path, f"{prefix}{err.key}", str(err)) from None
-    return obj
+_UNKNOWN = ("unexpected_keyword_argument", "invalid_key")
+_KINDS = {"int_type": "an integer", "float_type": "a number", "string_type": "a string", "bool_type": "true or false"}
+_RANGES = ("greater_than", "greater_than_equal", "less_than", "less_than_equal")
 
 
-def _convert(value: Any, kind: Any, path: str | Path, key: str) -> Any:
-    if typing.get_origin(kind) is Literal:
-        choices = typing.get_args(kind)
-        if value not in choices:
-            raise ParamsError(path, key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
-        return value
-    # bool is a subclass of int: `epochs: true` must not pass as 1.
-    if kind is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if kind is str and isinstance(value, str):
-        return value
-    if kind is bool and isinstance(value, bool):
-        return value
-    kind_name = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}[kind]
-    raise ParamsError(path, key, f"must be {kind_name}, got {value!r} ({type(value).__name__})")
+def _params_error(path: str | Path, error: ErrorDetails) -> ParamsError:
+    """One of pydantic's errors in the words of the rest of the pipeline: file, dotted key, what to change."""
+    loc = [str(part) for part in error["loc"]]
+    section = Params
+    for part in loc[:-1]:
+        section = section.__pydantic_fields__[part].annotation
+    fields = section.__pydantic_fields__
+    field = fields.get(loc[-1]) if loc else None
+    value = error["input"]
+    match error["type"]:
+        case kind if kind in _UNKNOWN:
+            close = difflib.get_close_matches(loc[-1], list(fields), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"expected one of {', '.join(fields)}"
+            message = f"unknown key; {hint}"
+        case "missing":
+            message = "missing key"
+        case "dataclass_type":
+            message = f"must be a mapping of keys to values, got {type(value).__name__}"
+        case kind if kind in _KINDS:
+            message = f"must be {_KINDS[kind]}, got {value!r} ({type(value).__name__})"
+        case "literal_error":
+            message = f"must be one of {', '.join(map(repr, typing.get_args(field.annotation)))}, got {value!r}"
+        case "string_pattern_mismatch":
+            message = f"{field.description}, got {value!r}"
+        case kind if kind in _RANGES:
+            message = f"{_range(field.metadata)}, got {value}"
+        case _:
+            message = error["msg"]
+    return ParamsError(path, ".".join(loc) or "<top level>", message)
+
+
+def _range(metadata: list[Any]) -> str:
+    """A field's bounds as an interval, e.g. "must be in (0, 10]"; every range here has a lower bound."""
+    bounds = {name: _show(getattr(item, name)) for item in metadata for name in ("gt", "ge", "lt", "le")
+              if hasattr(item, name)}
+    low = f"({bounds['gt']}" if "gt" in bounds else f"[{bounds['ge']}"
+    high = f"{bounds['lt']})" if "lt" in bounds else f"{bounds['le']}]" if "le" in bounds else None
+    return f"must be in {low}, {high}" if high else f"must be at least {low[1:]}"
+
+
+def _show(bound: float) -> str:
+    return "2**32" if bound == 2**32 else str(bound)  # the seed's limit: 4294967296 says less

@@ -1,6 +1,5 @@
-"""What a DVC result is, without MLflow: its files, its key, the served code's identity and the tags tying it to git
-and DVC. record reads a result recorded before with these alone (no MLflow start-up); mnist_pipeline/recording.py
-writes a new one.
+"""What a DVC result is, without MLflow: its files, its key and the tags tying it to git and DVC. record reads a
+result recorded before with these alone (no MLflow start-up); mnist_pipeline/recording.py writes a new one.
 """
 
 from __future__ import annotations
@@ -12,14 +11,10 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import mnist_pipeline
 from mnist_pipeline.files import sha256_file
 from mnist_pipeline.params import Params, flatten
 from mnist_pipeline.store import USERNAME_ENV
 
-PACKAGE = Path(mnist_pipeline.__file__).parent
-# The files the served model runs (mnist_pipeline/served_model.py imports the others), logged with its weights.
-SERVED_CODE = ("__init__.py", "cpu_kernels.py", "digits.py", "model.py", "served_model.py")
 RESULT_KEY_TAG = "result_key"
 # Every DVC name a result was recorded under, a line each: "<baseline commit> <experiment>" or
 # "<commit> workspace". One run per result: an experiment that reproduces another's bytes adds its name here.
@@ -44,19 +39,6 @@ class Result:
 
     def reports(self) -> list[Path]:
         return [self.train_log, self.summary, self.metrics, self.predictions]
-
-
-def served_config(params: Params) -> dict[str, object]:
-    """The served model's model_config (served_model.py reads it): digits prepared as its network trained on them."""
-    return {"deskew": params.train.deskew}  # served_model.DESKEW; imported there with torch, so written out here
-
-
-def served_code_sha256(config: dict[str, object]) -> str:
-    """SHA-256 of the files the served model runs and its model_config: with the weights, what a version is."""
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode())
-    for name in SERVED_CODE:
-        digest.update(f"{name}\0".encode() + (PACKAGE / name).read_bytes() + b"\0")
-    return digest.hexdigest()
 
 
 def _content_sha256(path: Path) -> str:

@@ -1,7 +1,7 @@
 """The served model, logged by MLflow's models-from-code: digits as people have them in, digit and probabilities out.
 
 The record stage passes this file as `python_model`, the weights as an artifact and the package's modules this
-file imports (record's SERVED_CODE) as code, so the logged model holds source and a weights file loaded with
+file imports (served_package.SERVED_CODE) as code, so the logged model holds source and a weights file loaded with
 weights_only=True: nothing pickled. MLflow runs this file when it loads the model; `set_model` at the end names
 the model it serves.
 """
@@ -27,7 +27,8 @@ from mnist_pipeline.digits import DigitError, deskew, read_batch, to_tensor
 from mnist_pipeline.model import Net
 
 WEIGHTS = "weights"  # the artifact's name
-DESKEW = "deskew"  # the model_config key record's served_config writes: whether the network trained on deskewed digits
+# The model_config key served_package.served_config writes: whether the network trained on deskewed digits.
+DESKEW = "deskew"
 CHUNK = 1000  # images per forward pass, as evaluate's batch_size: memory stays flat for any batch
 
 
@@ -63,7 +64,7 @@ class DigitClassifier(PythonModel):
         if not isinstance(self.deskew, bool):
             raise MlflowException(f"model_config {DESKEW}: expected true or false, got {self.deskew!r}")
 
-    # np.ndarray, what MLflow passes for the object tensor of record's signature; a hint MLflow infers no
+    # np.ndarray, what MLflow passes for the object tensor of served_package's signature; a hint MLflow infers no
     # signature from (list[...] would be taken as the signature, and a missing hint makes MLflow warn).
     def predict(self, context: mlflow.pyfunc.PythonModelContext, model_input: np.ndarray,
                 params: dict | None = None) -> pd.DataFrame:

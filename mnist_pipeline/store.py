@@ -95,8 +95,8 @@ def check_store(store: Store, timeout: float = 10) -> None:
     if lost:  # not an error: record logs a lost model again when a result needs it
         print(f"store: {len(lost)} registered model version(s) in {store.uri} have lost their files "
               f"({', '.join(lost[:3])}{', ...' if len(lost) > 3 else ''}; was {store.artifacts} deleted or moved?): "
-              "they cannot be served; record logs one again when it records its result again (README, When "
-              "something goes wrong)", file=sys.stderr, flush=True)
+              "they cannot be served; record logs one again when it records its result again "
+              "(docs/troubleshooting.md)", file=sys.stderr, flush=True)
     for folder in (store.database.parent, store.artifacts):
         _check_writable(folder, store)
 

@@ -1,59 +1,43 @@
-"""MLflow bookkeeping: one run per DVC result, named after its DVC experiment, tied to git; store errors in one line."""
+"""MLflow bookkeeping: the store's set-up, a run's lifecycle, the registry and its champion; store errors in one
+line."""
 
 from __future__ import annotations
 
-import fcntl
-import logging
-import os
 import signal
-import subprocess
-import time
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
-from typing import TypeVar
 
 import mlflow
 import requests
+from filelock import FileLock, Timeout
 from mlflow.entities import LoggedModelStatus
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 
-from mnist_pipeline import machine
-from mnist_pipeline.params import Params, flatten
-from mnist_pipeline.result import ACCOUNT_TAG, WORKSPACE_RUN_NAME, git, git_dirty, run_tags  # noqa: F401 (re-exported)
-from mnist_pipeline.store import FILES_LOST_TAG, USERNAME_ENV, Store, StoreError
+from mnist_pipeline.errors import interrupt, text_lines
+from mnist_pipeline.store import FILES_LOST_TAG, Store, StoreError
 
-T = TypeVar("T")
-
-BUSY_RETRIES = 8
 # The tag that ties a run and a registered model version to the exact model file (SHA-256 of its bytes).
 MODEL_TAG = "model_sha256"
-# The tag that ties them to the code the served model runs (record's SERVED_CODE) and its model_config: new code
+# The tag that ties them to the code the served model runs (served_package.SERVED_CODE) and its model_config: new code
 # or config, new version.
 CODE_TAG = "served_code_sha256"
-# Marks the experiment as model training. MLflow 3.17's UI lets its sidebar switch decide instead (see the
-# README), but earlier UIs and MLflow's own search read this tag.
+# Marks the experiment as model training. MLflow 3.17's UI lets its sidebar switch decide instead (see
+# docs/runs.md), but earlier UIs and MLflow's own search read this tag.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # The registry alias `mlflow models serve -m models:/mnist-cnn@champion` serves, and what it is chosen by.
 CHAMPION = "champion"
 VAL_ACC_TAG = "train.best_val_acc"
-# What a store can raise when it is broken, full or unreachable.
+# What a store can raise when it is broken, full or unreachable. Processes that write one SQLite store at once
+# (queued experiments, a live run beside record) wait for each other in SQLite itself: MLflow gives each of its
+# sessions a busy timeout of 20 s (mlflow/store/db/utils.py), so no call is retried here, as some are not
+# idempotent. A store still locked after that is a "database is locked" error, said in one line by store_errors.
 STORE_ERRORS = (MlflowException, SQLAlchemyError, OSError, requests.RequestException)
-
-
-def retry_busy(call: Callable[..., T], *args: object, **kwargs: object) -> T:
-    """Call, retrying with back-off while SQLite reports the store busy (another run is writing)."""
-    for attempt in range(BUSY_RETRIES):
-        try:
-            return call(*args, **kwargs)
-        except MlflowException as err:
-            if "database is locked" not in str(err) or attempt == BUSY_RETRIES - 1:
-                raise
-            time.sleep(0.1 * 2**attempt)
-    raise AssertionError("unreachable")
+# How long configure waits for another process to set up the same store: seconds for a new one.
+STORE_LOCK_TIMEOUT_S = 120
 
 
 @contextmanager
@@ -62,7 +46,7 @@ def store_errors(store: Store, retry: str) -> Iterator[None]:
     try:
         yield
     except STORE_ERRORS as err:
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        lines = text_lines(str(err)) or [type(err).__name__]
         # MLflow lists failed downloads after a heading ("... from <uri>:"), each file under a "##### File" line.
         cause = next((line for line in lines[1:] if not line.startswith("#")), "") if lines[0].endswith(":") else ""
         raise StoreError(f"MLflow store {store.uri}: {f'{lines[0]} {cause}'.strip()[:300]}; {retry}") from None
@@ -78,10 +62,16 @@ def configure(store: Store, experiment: str) -> str:
     mlflow.set_tracking_uri(store.uri)
     if store.database is None:
         return _get_or_create_experiment(experiment, None)
-    with store.database.with_name(f"{store.database.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        experiment_id = _get_or_create_experiment(experiment, store.artifacts.as_uri())
-    location = retry_busy(mlflow.get_experiment, experiment_id).artifact_location
+    lock = store.database.with_name(f"{store.database.name}.lock")
+    try:
+        with FileLock(lock, timeout=STORE_LOCK_TIMEOUT_S):
+            experiment_id = _get_or_create_experiment(experiment, store.artifacts.as_uri())
+    except Timeout:
+        raise StoreError(
+            f"MLflow store {store.uri}: another process has held {lock} for {STORE_LOCK_TIMEOUT_S} s while setting up "
+            f"the store; if it hangs, `fuser {lock}` names it: stop it and run again"
+        ) from None
+    location = mlflow.get_experiment(experiment_id).artifact_location
     parts = urllib.parse.urlsplit(location)
     if parts.scheme in ("", "file") and not Path(parts.path).is_absolute():
         raise StoreError(
@@ -93,41 +83,37 @@ def configure(store: Store, experiment: str) -> str:
 
 
 def _get_or_create_experiment(name: str, artifact_location: str | None) -> str:
-    found = retry_busy(mlflow.get_experiment_by_name, name)
+    found = mlflow.get_experiment_by_name(name)
     if found is None:
         try:
-            return retry_busy(mlflow.create_experiment, name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
+            return mlflow.create_experiment(name, artifact_location=artifact_location, tags=EXPERIMENT_KIND)
         except MlflowException:
             # Another process (on a shared server, say) created it between our lookup and our create.
             found = mlflow.get_experiment_by_name(name)
             if found is None:
                 raise
     if "mlflow.experimentKind" not in found.tags:
-        retry_busy(mlflow.MlflowClient().set_experiment_tag, found.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
+        mlflow.MlflowClient().set_experiment_tag(found.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
     return found.experiment_id
-
-
-def _interrupt(signum: int, _frame: object) -> None:
-    raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
 @contextmanager
 def tracked_run(**start: object) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run that always ends: FINISHED, FAILED on an error, KILLED on Ctrl+C or SIGTERM."""
-    previous = signal.signal(signal.SIGTERM, _interrupt)
-    run = retry_busy(mlflow.start_run, **start)
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    run = mlflow.start_run(**start)
     try:
         yield run
     except KeyboardInterrupt:
         _fail_pending_models(run)
-        retry_busy(mlflow.end_run, "KILLED")
+        mlflow.end_run("KILLED")
         raise
     except BaseException:
         _fail_pending_models(run)
-        retry_busy(mlflow.end_run, "FAILED")
+        mlflow.end_run("FAILED")
         raise
     else:
-        retry_busy(mlflow.end_run, "FINISHED")
+        mlflow.end_run("FINISHED")
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -138,13 +124,13 @@ def _fail_pending_models(run: mlflow.ActiveRun) -> None:
     Best effort: when the store itself is broken this fails too, and ending the run must still be tried.
     """
     try:
-        models = retry_busy(
-            mlflow.search_logged_models, experiment_ids=[run.info.experiment_id],
-            filter_string=f"source_run_id = '{run.info.run_id}'", output_format="list",
+        models = mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'",
+            output_format="list",
         )
         for model in models:
             if model.status == LoggedModelStatus.PENDING:
-                retry_busy(mlflow.MlflowClient().finalize_logged_model, model.model_id, LoggedModelStatus.FAILED)
+                mlflow.MlflowClient().finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
     except STORE_ERRORS:
         pass
 
@@ -162,8 +148,7 @@ def flat_metrics(report: dict[str, object], prefix: str = "") -> dict[str, float
 
 def find_model_version(name: str, model_sha256: str, code_sha256: str) -> ModelVersion | None:
     """The registered version of exactly this model file, served code and config, if an earlier result registered it."""
-    versions = retry_busy(
-        mlflow.MlflowClient().search_model_versions,
+    versions = mlflow.MlflowClient().search_model_versions(
         filter_string=(f"name = '{name}' and tags.{MODEL_TAG} = '{model_sha256}' "
                        f"and tags.{CODE_TAG} = '{code_sha256}'"),
     )
@@ -173,16 +158,16 @@ def find_model_version(name: str, model_sha256: str, code_sha256: str) -> ModelV
 def files_present(name: str, version: str) -> bool:
     """Whether a registered version's files are in the artifact store: a deleted mlartifacts/ leaves the registry
     pointing at nothing, and `models:/...` fails to load."""
-    uri = retry_busy(mlflow.MlflowClient().get_model_version_download_uri, name, version)
+    uri = mlflow.MlflowClient().get_model_version_download_uri(name, version)
     return any(PurePosixPath(a.path).name == "MLmodel" for a in mlflow.artifacts.list_artifacts(artifact_uri=uri))
 
 
 def retire_lost_version(name: str, version: str, replacement: str) -> None:
     """Mark a version whose files are gone, and take it out of the champion's choice: never served again."""
     client = mlflow.MlflowClient()
-    retry_busy(client.set_model_version_tag, name, version, FILES_LOST_TAG,
-               f"its files are gone from the artifact store; version {replacement} holds the same model")
-    retry_busy(client.delete_model_version_tag, name, version, VAL_ACC_TAG)
+    note = f"its files are gone from the artifact store; version {replacement} holds the same model"
+    client.set_model_version_tag(name, version, FILES_LOST_TAG, note)
+    client.delete_model_version_tag(name, version, VAL_ACC_TAG)
 
 
 def version_tags(run_tags: dict[str, str]) -> dict[str, str]:
@@ -191,35 +176,10 @@ def version_tags(run_tags: dict[str, str]) -> dict[str, str]:
     return {key.removeprefix("mlflow.source."): run_tags[key] for key in keys if key in run_tags}
 
 
-def record_failed_training(store: Store, params: Params, outputs: list[Path], cause: str, device: str,
-                           backend: str) -> str:
-    """Record a failed training job as one FAILED run holding the cause; say where it went, or why it could not.
-
-    The record stage writes the run of each result. A job of several processes can fail in any of them, on any
-    machine: the process that launched it on this machine sees every failure, so it leaves this run.
-    """
-    tags = {**run_tags(outputs), **machine.provenance(), "train.device": device,
-            "train.world_size": str(params.train.processes),
-            "train.backend": backend, "failure": cause, "mlflow.note.content": f"Training failed: {cause}"}
-    name = tags.get("dvc.exp_name", WORKSPACE_RUN_NAME)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # a new store's INFO lines would bury the one-line error
-    try:
-        with store_errors(store, "the failure is not recorded"):
-            experiment_id = configure(store, params.mlflow.experiment)
-            run = retry_busy(mlflow.start_run, experiment_id=experiment_id, run_name=name, tags=tags)
-            try:
-                retry_busy(mlflow.log_params, flatten(params))
-            finally:
-                retry_busy(mlflow.end_run, "FAILED")
-    except StoreError as err:
-        return str(err)
-    return f"MLflow run '{name}' ({run.info.run_id}) is marked FAILED"
-
-
 def crown_champion(name: str, passes: int = 10) -> ModelVersion | None:
     """Point the alias `champion` at the version with the best validation accuracy (never test accuracy).
 
-    Among equals the latest version wins: the same weights logged again with newer serving code (record's
+    Among equals the latest version wins: the same weights logged again with newer serving code (served_package's
     SERVED_CODE) replace the older. Safe for machines recording at once, on one store or a shared server,
     without a lock: after moving the alias, read every version again and move it again if a better one has
     appeared. Each recorder crowns after registering its version, so the last to move the alias has read
@@ -229,15 +189,15 @@ def crown_champion(name: str, passes: int = 10) -> ModelVersion | None:
     client = mlflow.MlflowClient()
     moved = None
     for _ in range(passes):
-        versions = retry_busy(client.search_model_versions, filter_string=f"name = '{name}'")
+        versions = client.search_model_versions(filter_string=f"name = '{name}'")
         scored = sorted((v for v in versions if VAL_ACC_TAG in v.tags),
                         key=lambda v: (float(v.tags[VAL_ACC_TAG]), int(v.version)), reverse=True)
         # The best whose files are still there: a deleted artifact folder leaves versions that cannot load.
         best = next((v for v in scored if files_present(name, v.version)), None)
         # The registered model's aliases: search_model_versions leaves each version's own list empty.
-        current = retry_busy(client.get_registered_model, name).aliases.get(CHAMPION)
+        current = client.get_registered_model(name).aliases.get(CHAMPION)
         if best is None or (current is not None and str(current) == str(best.version)):
             return moved
-        retry_busy(client.set_registered_model_alias, name, CHAMPION, best.version)
+        client.set_registered_model_alias(name, CHAMPION, best.version)
         moved = best
     return moved

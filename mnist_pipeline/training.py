@@ -17,23 +17,13 @@ from torch.nn.parallel import DistributedDataParallel
 
 # The normalization is the served model's input contract, so it lives with the served model's preprocessing.
 from mnist_pipeline.digits import PIXEL_MEAN, PIXEL_STD
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.errors import PipelineError, text_lines
 from mnist_pipeline.params import TrainParams
+from mnist_pipeline.reports import LogRow
 
 BACKGROUND = -PIXEL_MEAN / PIXEL_STD  # a black pixel after normalization
 EVAL_BATCH = 500  # measured: small batches stay in cache; 2,000 was twice as slow on 2 cores
 NOT_LEARNED = 0.2  # a best validation accuracy below this is a model that learned nothing (check_learned)
-
-
-@dataclass(frozen=True)
-class LogRow:
-    """One report of the loop, every `log_every` iterations and at the last one."""
-
-    iteration: int
-    epoch: int
-    train_acc: float
-    train_loss: float
-    val_acc: float
 
 
 @dataclass(frozen=True)
@@ -119,7 +109,7 @@ def make_optimizer(model: nn.Module, params: TrainParams) -> torch.optim.Optimiz
 
     Adam adds weight_decay * w to the gradient (L2); AdamW first multiplies the weights by 1 - lr * weight_decay
     (lr: the scheduled rate of the step), apart from the gradient (decoupled). The default is AdamW with 0.1: see
-    the README, under Performance, for what was measured.
+    docs/performance.md for what was measured.
     """
     # Fused kernels update all parameters in one call: measurably faster for this many small tensors.
     if params.optimizer in ("adam", "adamw"):
@@ -244,7 +234,7 @@ def load_state_dict(path: str, model: nn.Module) -> None:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, ValueError, EOFError, pickle.UnpicklingError) as err:
         # torch's message spans many lines and suggests weights_only=False; keep the line that says why.
-        lines = [line.strip() for line in str(err).splitlines() if line.strip()] or [type(err).__name__]
+        lines = text_lines(str(err)) or [type(err).__name__]
         why = next((line for line in lines if line.startswith("Unsupported")), lines[0])
         raise PipelineError(f"{path}: not a model weights file, refused without loading it ({why})") from None
     if not isinstance(state, dict):

@@ -12,10 +12,10 @@ import torch.nn.functional as F
 from mnist_pipeline.data import NUM_CLASSES, load_mnist
 from mnist_pipeline.digits import deskew, to_tensor
 from mnist_pipeline.errors import run_stage
-from mnist_pipeline.files import atomic_write_json, atomic_write_text
 from mnist_pipeline.losses import manual_cross_entropy, multiclass_svm_loss
 from mnist_pipeline.model import Net
 from mnist_pipeline.params import load_params
+from mnist_pipeline.reports import write_metrics, write_predictions
 from mnist_pipeline.training import load_state_dict, predict
 from stages import say_kernel_notes
 
@@ -41,12 +41,6 @@ def test_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, object
     }
 
 
-def predictions_csv(labels: np.ndarray, predicted: np.ndarray) -> str:
-    """One row per test image, the input of DVC's confusion-matrix plot."""
-    rows = [f"{i},{a},{p}" for i, (a, p) in enumerate(zip(labels.tolist(), predicted.tolist()))]
-    return "index,actual,predicted\n" + "\n".join(rows) + "\n"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("raw", type=Path, help="folder of the MNIST IDX files")
@@ -63,8 +57,8 @@ def main() -> None:
     load_state_dict(args.model, model)
     logits = predict(model, to_tensor(deskew(images) if params.train.deskew else images), params.evaluate.batch_size)
     metrics = test_metrics(logits, torch.from_numpy(labels.astype(np.int64)))
-    atomic_write_json(args.metrics, {"test": metrics})
-    atomic_write_text(args.predictions, predictions_csv(labels, logits.argmax(1).numpy()))
+    write_metrics(args.metrics, metrics)
+    write_predictions(args.predictions, labels, logits.argmax(1).numpy())
     print(f"evaluate: test accuracy {metrics['accuracy']:.4f}, loss {metrics['loss']:.4f}, "
           f"hand-written cross-entropy {metrics['cross_entropy_manual']:.6f}, SVM loss {metrics['svm_loss']:.4f}")
 

@@ -3,97 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import io
 from pathlib import Path
 
-import numpy as np
-from matplotlib.figure import Figure
-
-from mnist_pipeline.data import IMAGE_SIDE, NUM_CLASSES, load_mnist
-from mnist_pipeline.errors import PipelineError, run_stage
-from mnist_pipeline.files import atomic_write_bytes
+from mnist_pipeline.data import load_mnist
+from mnist_pipeline.errors import run_stage
+from mnist_pipeline.figures import write_figures
 from mnist_pipeline.params import load_params
-
-
-def read_predictions(path: Path, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and predictions from evaluate's CSV, checked against the test set's size."""
-    table = np.loadtxt(path, delimiter=",", skiprows=1, dtype=np.int64, ndmin=2)
-    if table.shape != (n, 3) or not np.array_equal(table[:, 0], np.arange(n)):
-        raise PipelineError(
-            f"{path}: expected rows index,actual,predicted for {n} test images, got shape {table.shape}"
-        )
-    if table[:, 1:].min() < 0 or table[:, 1:].max() >= NUM_CLASSES:
-        raise PipelineError(f"{path}: labels and predictions must be 0-{NUM_CLASSES - 1}")
-    return table[:, 1], table[:, 2]
-
-
-# The grid is one image: a mosaic of cells, each a 28x28 digit with room for its title above it. One axes with
-# one picture and plain text draws in a fraction of the time of an axes per digit (whose layout and title placement
-# cost about 2 s for 50 digits), which is most of what a plot-only experiment waits for.
-CELL_W, CELL_H, TITLE_H = 40, 44, 12  # mosaic units (pixels of the digits)
-TITLE_GAP = 2  # units between a title's baseline and its digit
-INCH_PER_UNIT = 1.6 / CELL_W  # a cell 1.6 in wide, as wide as its 8-point title
-MIN_WIDTH_IN = 4.0  # room for the figure's title above a grid of one digit, or of none
-SUPTITLE_IN = 0.5  # room above the grid for the figure's title
-
-
-def mosaic(images: np.ndarray, cols: int, rows: int) -> np.ma.MaskedArray:
-    """The digits laid out in cells of CELL_W x CELL_H, everything outside a digit masked.
-
-    imshow leaves masked pixels transparent, so the figure's white background shows there, like paper.
-    """
-    shape = (rows * CELL_H, cols * CELL_W)
-    canvas = np.ma.masked_array(np.zeros(shape, dtype=images.dtype), mask=np.ones(shape, dtype=bool))
-    left = (CELL_W - IMAGE_SIDE) // 2
-    for i, image in enumerate(images):
-        top, col = (i // cols) * CELL_H + TITLE_H, (i % cols) * CELL_W + left
-        canvas[top : top + IMAGE_SIDE, col : col + IMAGE_SIDE] = image
-    return canvas
-
-
-def image_grid(images: np.ndarray, labels: np.ndarray, predicted: np.ndarray, title: str) -> Figure:
-    """A grid of MNIST images (uint8) titled "label / prediction"; wrong predictions in red."""
-    if images.dtype != np.uint8:
-        raise PipelineError(f"expected MNIST's uint8 pixels, got {images.dtype}")
-    cols = max(1, int(np.ceil(np.sqrt(len(images)))))
-    rows = max(1, int(np.ceil(len(images) / cols)))
-    width, height = cols * CELL_W * INCH_PER_UNIT, rows * CELL_H * INCH_PER_UNIT
-    fig = Figure(figsize=(max(width, MIN_WIDTH_IN), height + SUPTITLE_IN))
-    # The grid's axes keep its aspect (imshow's default) and are centred when the figure is wider than the grid.
-    ax = fig.add_axes((0, 0, 1, height / (height + SUPTITLE_IN)))
-    ax.axis("off")
-    ax.imshow(mosaic(images, cols, rows), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
-    for i, (label, pred) in enumerate(zip(labels, predicted)):
-        wrong = label != pred
-        # Pixel centres sit on whole numbers, so a cell spans [x - 0.5, x + CELL_W - 0.5).
-        ax.text((i % cols + 0.5) * CELL_W - 0.5, (i // cols) * CELL_H + TITLE_H - TITLE_GAP,
-                f"label {label} / pred {pred}" + (" ✗" if wrong else ""), fontsize=8,
-                ha="center", va="bottom", color="red" if wrong else "black")
-    if len(images) == 0:
-        ax.text(CELL_W / 2 - 0.5, CELL_H / 2, "none", ha="center", va="center")
-    fig.suptitle(title, y=1 - 0.1 / (height + SUPTITLE_IN), va="top")
-    return fig
-
-
-def confusion_figure(labels: np.ndarray, predicted: np.ndarray) -> Figure:
-    """The 10x10 confusion matrix with counts (rows: label, columns: prediction)."""
-    counts = np.zeros((NUM_CLASSES, NUM_CLASSES), dtype=np.int64)
-    np.add.at(counts, (labels, predicted), 1)
-    fig = Figure(figsize=(7, 6))
-    ax = fig.add_axes((0.1, 0.09, 0.85, 0.84))  # fixed margins: tight_layout measured every label, 0.4 s
-    ax.imshow(np.log1p(counts), cmap="Blues")
-    for (i, j), count in np.ndenumerate(counts):
-        ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color="white" if i == j else "black")
-    ax.set(xticks=range(NUM_CLASSES), yticks=range(NUM_CLASSES), xlabel="predicted", ylabel="label",
-           title=f"Confusion matrix ({int(np.trace(counts))}/{len(labels)} correct)")
-    return fig
-
-
-def save_png(fig: Figure, path: Path) -> None:
-    """Save without the matplotlib version or a timestamp, so equal figures give equal bytes."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
-    atomic_write_bytes(path, buffer.getvalue())
+from mnist_pipeline.reports import read_predictions
 
 
 def main() -> None:
@@ -105,14 +21,8 @@ def main() -> None:
     params = load_params()
     images, _ = load_mnist(args.raw, "t10k")
     labels, predicted = read_predictions(args.predictions, len(images))
-    n = params.plot.n_images
-    wrong = np.flatnonzero(labels != predicted)[: params.plot.n_misclassified]
-    save_png(image_grid(images[:n], labels[:n], predicted[:n], f"First {n} test images"),
-             args.out / "predictions.png")
-    save_png(image_grid(images[wrong], labels[wrong], predicted[wrong],
-                        f"Misclassified test images (first {len(wrong)})"), args.out / "misclassified.png")
-    save_png(confusion_figure(labels, predicted), args.out / "confusion_matrix.png")
-    print(f"plot: 3 figures in {args.out}")
+    written = write_figures(args.out, images, labels, predicted, params.plot.n_images, params.plot.n_misclassified)
+    print(f"plot: {len(written)} figures in {args.out}")
 
 
 if __name__ == "__main__":

@@ -10,9 +10,8 @@ from mnist_pipeline import store as stores
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.files import atomic_write_text, sha256_file
 from mnist_pipeline.params import Params, load_params
-from mnist_pipeline.result import (
-    NAMES_TAG, RESULT_KEY_TAG, Result, names_entry, result_key, run_tags, served_code_sha256, served_config,
-)
+from mnist_pipeline.result import NAMES_TAG, RESULT_KEY_TAG, Result, names_entry, result_key, run_tags
+from mnist_pipeline.served_package import served_code_sha256, served_config
 
 # DVC reruns this stage when the file is missing (a fresh clone); its content never changes, so dvc.lock doesn't.
 MARKER_TEXT = "This workspace's result is recorded in MLflow. Delete this file to record it again.\n"

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import io
 from pathlib import Path
 
 import numpy as np
 
 from mnist_pipeline.data import load_mnist
 from mnist_pipeline.errors import PipelineError, run_stage
-from mnist_pipeline.files import atomic_write_bytes
 from mnist_pipeline.params import load_params
+from mnist_pipeline.reports import write_split
 
 
 def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -25,13 +24,6 @@ def split_indices(n: int, val_fraction: float, seed: int) -> tuple[np.ndarray, n
     return np.sort(order[n_val:]), np.sort(order[:n_val])
 
 
-def save_npy(path: Path, array: np.ndarray) -> None:
-    """Save one array as .npy atomically (the format holds no timestamp, so equal arrays give equal bytes)."""
-    buffer = io.BytesIO()
-    np.save(buffer, array)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("raw", type=Path, help="folder of the MNIST IDX files")
@@ -40,8 +32,7 @@ def main() -> None:
     params = load_params()
     _, labels = load_mnist(args.raw, "train")
     train, val = split_indices(len(labels), params.split.val_fraction, params.seed)
-    save_npy(args.out / "train.npy", train)
-    save_npy(args.out / "val.npy", val)
+    write_split(args.out, train, val)
     print(f"split: {len(train)} train / {len(val)} validation images -> {args.out}")
 
 

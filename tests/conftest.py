@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import gzip
 import hashlib
 import importlib
@@ -11,7 +10,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import struct
 import subprocess
@@ -26,11 +24,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from filelock import FileLock, Timeout
 
 import stages  # noqa: F401  first of the project: the CPU kernel pins are set before torch loads, as in every stage
 from mnist_pipeline import cpu_kernels, sources
 from mnist_pipeline.data import MNIST_FILES, MnistFile
 from mnist_pipeline.params import load_params
+from tools.local_server import free_port, wait_until_ready  # noqa: F401  the tests import free_port from here
 from tools.stage_commands import stage_commands
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,6 +42,8 @@ os.environ.update(NO_USAGE_REPORTS)
 # with them skip elsewhere, saying why.
 UNPINNABLE = cpu_kernels.this_cpu_unpinnable()
 needs_pinnable_cpu = pytest.mark.skipif(UNPINNABLE is not None, reason=f"{UNPINNABLE}: the pinned kernels cannot run")
+# How long a test process waits for another to fill the real MNIST cache: the download stage's sources, 4 files.
+MNIST_LOCK_TIMEOUT_S = 600
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -93,16 +95,24 @@ def gzip_folder(src: Path, dest: Path) -> Path:
     return dest
 
 
-def readme_block(needle: str, language: str) -> str:
-    """The one fenced block of README.md in `language` that contains `needle`."""
-    blocks = re.findall(rf"^```{language}\n(.*?)^```$", (REPO / "README.md").read_text(), re.M | re.S)
-    (block,) = [b for b in blocks if needle in b]
-    return block
+def doc_pages() -> list[Path]:
+    """The documentation whose commands the tests run: README.md and every page of docs/."""
+    return [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
 
-def readme_commands(needle: str) -> list[str]:
-    """The commands of the README's bash block holding `needle`, one a line, comments left out."""
-    lines = (line.split("#")[0].strip() for line in readme_block(needle, "bash").splitlines())
+def doc_block(needle: str, language: str) -> str:
+    """The one fenced block in `language` that contains `needle`, across README.md and docs/*.md."""
+    found = [(page.relative_to(REPO), block) for page in doc_pages()
+             for block in re.findall(rf"^```{language}\n(.*?)^```$", page.read_text(), re.M | re.S) if needle in block]
+    if len(found) != 1:
+        raise LookupError(f"{len(found)} {language} blocks of the docs hold {needle!r}, not one: "
+                          f"{[str(page) for page, _ in found]}")
+    return found[0][1]
+
+
+def doc_commands(needle: str) -> list[str]:
+    """The commands of the docs' bash block holding `needle`, one a line, comments left out."""
+    lines = (line.split("#")[0].strip() for line in doc_block(needle, "bash").splitlines())
     return [line for line in lines if line]
 
 
@@ -215,11 +225,15 @@ def cached_mnist(cache: Path, fallback: Iterable[sources.Source], files: tuple[M
     A file lock beside the cache lets parallel test processes share it: the first downloads, the others wait.
     """
     cache.parent.mkdir(parents=True, exist_ok=True)
-    with (cache.parent / f"{cache.name}.lock").open("w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not is_complete(cache, files):
-            source = sources.download_mnist(cache, fallback, files)
-            print(f"real MNIST: verified files from {source}, kept in {cache}", file=sys.stderr)
+    lock = cache.parent / f"{cache.name}.lock"
+    try:
+        with FileLock(lock, timeout=MNIST_LOCK_TIMEOUT_S):
+            if not is_complete(cache, files):
+                source = sources.download_mnist(cache, fallback, files)
+                print(f"real MNIST: verified files from {source}, kept in {cache}", file=sys.stderr)
+    except Timeout:
+        pytest.fail(f"real MNIST: another test process has held {lock} for {MNIST_LOCK_TIMEOUT_S} s while filling "
+                    f"{cache}; if it hangs, `fuser {lock}` names it: stop it and run again", pytrace=False)
     return cache
 
 
@@ -277,6 +291,28 @@ def dvc(clone: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]
     return result
 
 
+def one_epoch_params() -> dict:
+    """The real params.yaml with training shrunk to one epoch of the real data: 165 iterations of 256 images,
+    reported at iterations 100 and 165."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["train"].update(epochs=1, log_every=100)
+    return params
+
+
+@pytest.fixture(scope="session")
+def real_baseline(tmp_path_factory: pytest.TempPathFactory, real_mnist: Path) -> Path:
+    """A clone whose one-epoch params are committed, reproduced on the real data and committed as a user would:
+    the slow modules' baseline, built once per session; each takes copies of it (`copy_workdir`)."""
+    root = copy_project(tmp_path_factory.mktemp("real-baseline") / "repo")
+    (root / "params.yaml").write_text(yaml.safe_dump(one_epoch_params(), sort_keys=False))
+    env = project_env()
+    subprocess.run(["git", "commit", "-qam", "one epoch"], cwd=root, check=True, env=env)
+    dvc(root, "repro", MNIST_MIRROR=str(real_mnist))
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True, env=env)
+    subprocess.run(["git", "commit", "-qm", "baseline results"], cwd=root, check=True, env=env)
+    return root
+
+
 @contextmanager
 def queue_workers(clone: Path, jobs: int, log: Path, **env: str) -> Iterator[None]:
     """`dvc queue start -j jobs` in `clone`; on leaving, any worker still alive is stopped.
@@ -307,13 +343,6 @@ def wait_for_queue(clone: Path, timeout_s: float, **env: str) -> str:
     return status
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextmanager
 def serving(command: list[str], port: int, ready_path: str, cwd: Path, env: dict[str, str]) -> Iterator[str]:
     """Run a server on 127.0.0.1:port until it answers ready_path; stop it afterwards. Yields its base URL."""
@@ -322,17 +351,8 @@ def serving(command: list[str], port: int, ready_path: str, cwd: Path, env: dict
     process = subprocess.Popen(command, cwd=cwd, env=env, stdout=log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                with urllib.request.urlopen(base + ready_path, timeout=5) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{command[:3]} did not start:\n{log_path.read_text()}")
-            time.sleep(0.5)
+        if not wait_until_ready(base + ready_path, process, 120):
+            raise RuntimeError(f"{command[:3]} did not start:\n{log_path.read_text()}")
         yield base
     finally:
         process.terminate()

@@ -79,9 +79,9 @@ def test_deskew_is_the_same_image_by_image_as_in_a_batch() -> None:
 
 
 def test_whole_numbers_0_255_of_any_numeric_type_are_pixels() -> None:
-    assert check_pixels(SEVEN[None]) is not None and check_pixels(SEVEN[None]).dtype == np.uint8
-    for dtype in (np.int64, np.float32, np.float64, object):
-        assert np.array_equal(check_pixels(SEVEN[None].astype(dtype)), SEVEN[None])
+    for dtype in (np.uint8, np.int64, np.float32, np.float64, object):
+        pixels = check_pixels(SEVEN[None].astype(dtype))
+        assert pixels.dtype == np.uint8 and np.array_equal(pixels, SEVEN[None]), dtype
 
 
 @pytest.mark.parametrize(("values", "message"), [

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,13 +23,13 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from mnist_pipeline import machine
+from mnist_pipeline import distributed, machine
 from mnist_pipeline.model import Net
 from mnist_pipeline.training import share, share_loss
 from tests.conftest import (
-    REPO, copy_project, copy_workdir, dvc, free_port, pipeline_commands, project_env, readme_block,
+    REPO, copy_workdir, doc_block, dvc, free_port, pipeline_commands, project_env,
 )
-from tests.test_faults import assert_refused, runs, snapshot, stage
+from tests.test_faults import assert_stage_refused, runs, snapshot
 
 TRAIN_ARGS = pipeline_commands()["train"]
 CORES = len(os.sched_getaffinity(0))
@@ -70,23 +72,24 @@ def test_one_process_weighs_its_loss_by_exactly_one() -> None:
     assert torch.equal(share_loss(logits, labels, 32, 1), F.cross_entropy(logits, labels))
 
 
-def test_more_processes_than_cores_is_one_line_before_training(pipeline: Path) -> None:
+def test_more_processes_than_cores_is_one_line_before_training(pipeline: Path, monkeypatch) -> None:
     set_train(pipeline, processes=CORES + 1, epochs=1000)
     before = snapshot(pipeline)
-    assert_refused(stage(pipeline, "train"), "params.yaml: train.processes:", f"but it has {CORES} usable CPU cores")
+    assert_stage_refused("train", monkeypatch, "params.yaml: train.processes:", f"but it has {CORES} usable CPU cores")
     assert snapshot(pipeline) == before
     assert len(runs(pipeline)) == 1  # the pipeline's own: nothing started, nothing recorded
 
 
-def test_rendezvous_port_in_use_is_one_line_before_training(pipeline: Path) -> None:
+def test_rendezvous_port_in_use_is_one_line_before_training(pipeline: Path, monkeypatch) -> None:
     set_train(pipeline, processes=2, num_threads=1, epochs=1000)
     before = snapshot(pipeline)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         endpoint = f"127.0.0.1:{taken.getsockname()[1]}"
-        result = stage(pipeline, "train", PET_NNODES="2", PET_RDZV_ENDPOINT=endpoint)
-    assert_refused(result, f"PET_RDZV_ENDPOINT={endpoint}", "already in use on this machine")
+        monkeypatch.setenv("PET_NNODES", "2")
+        monkeypatch.setenv("PET_RDZV_ENDPOINT", endpoint)
+        assert_stage_refused("train", monkeypatch, f"PET_RDZV_ENDPOINT={endpoint}", "already in use on this machine")
     assert snapshot(pipeline) == before
 
 
@@ -96,6 +99,18 @@ def start_training(root: Path, **env: str) -> subprocess.Popen[str]:
         [sys.executable, "-m", "stages.train", *TRAIN_ARGS], cwd=root, text=True, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, env=project_env(PYTHONPATH=str(REPO), DVC_ROOT=str(root), PYTHONUNBUFFERED="1", **env),
     )
+
+
+def wait_for_rendezvous(port: int, process: subprocess.Popen[str], timeout_s: float = 120) -> None:
+    """Wait until the first machine's stage listens for the rendezvous on `port`, as it does before the other
+    machines may join (on one host, each would else take itself for the rendezvous' host)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
 
 
 def ranks_of(pid: int) -> dict[int, int]:
@@ -120,29 +135,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.slow
-def test_killing_the_stage_ends_its_processes_and_they_write_nothing(pipeline: Path) -> None:
-    # What an OOM killer or a closed terminal does to the stage that launched the job: SIGKILL, no chance to clean up.
-    set_train(pipeline, processes=2, num_threads=1, epochs=1000)
-    before = snapshot(pipeline)
-    process = start_training(pipeline)
-    while (line := process.stdout.readline()) and "Iteration 8 statistics" not in line:
-        pass
-    workers = ranks_of(process.pid)
-    assert len(workers) == 2 and all(alive(pid) for pid in workers.values())
-    process.kill()
-    process.wait()
-    killed = time.monotonic()
-    try:
-        while any(alive(pid) for pid in workers.values()):
-            assert time.monotonic() - killed < 5, "a training process outlived the stage that started it"
-            time.sleep(0.1)
-    finally:
-        for pid in filter(alive, workers.values()):  # an orphan left by a regression would train for hours
-            os.kill(pid, signal.SIGKILL)
-    assert snapshot(pipeline) == before  # nothing written before or after the kill
-
-
 def listening(pid: int) -> set[str]:
     """The addresses `pid` listens on for TCP: its sockets (/proc/PID/fd) found in /proc/PID/net/tcp{,6}."""
     inodes = set()
@@ -164,23 +156,36 @@ def listening(pid: int) -> set[str]:
 
 
 @pytest.mark.slow
-def test_on_one_machine_only_the_rendezvous_listens_beyond_loopback(pipeline: Path) -> None:
-    """Where the README's "Several processes and machines" says the job listens: torchrun's rendezvous on every
-    interface (it has no option to do otherwise), Gloo between the processes on the loopback interface only."""
+def test_the_job_listens_where_the_docs_say_and_killing_the_stage_ends_its_processes(pipeline: Path) -> None:
     set_train(pipeline, processes=2, num_threads=1, epochs=1000)
+    before = snapshot(pipeline)
     process = start_training(pipeline)
+    while (line := process.stdout.readline()) and "Iteration 8 statistics" not in line:
+        pass
+    workers = ranks_of(process.pid)
+    assert len(workers) == 2 and all(alive(pid) for pid in workers.values())
+    # Where docs/distributed.md says the job listens: torchrun's rendezvous on every interface (it has no option to
+    # do otherwise), Gloo between the processes on the loopback interface only.
     try:
-        while (line := process.stdout.readline()) and "Iteration 8 statistics" not in line:
-            pass
-        workers = ranks_of(process.pid)
         assert listening(process.pid) == {"any"}
         assert all(listening(pid) == {"loopback"} for pid in workers.values())
     finally:
+        # What an OOM killer or a closed terminal does to the stage that launched the job: SIGKILL, no chance to
+        # clean up.
         process.kill()
         process.wait()
-    readme = " ".join((REPO / "README.md").read_text().split())
-    assert "torchrun's rendezvous listens on every network interface" in readme
-    assert "Gloo connects them over the loopback interface only" in readme
+    killed = time.monotonic()
+    try:
+        while any(alive(pid) for pid in workers.values()):
+            assert time.monotonic() - killed < 5, "a training process outlived the stage that started it"
+            time.sleep(0.1)
+    finally:
+        for pid in filter(alive, workers.values()):  # an orphan left by a regression would train for hours
+            os.kill(pid, signal.SIGKILL)
+    assert snapshot(pipeline) == before  # nothing written before or after the kill
+    page = " ".join((REPO / "docs" / "distributed.md").read_text().split())
+    assert "torchrun's rendezvous listens on every network interface" in page
+    assert "Gloo connects them over the loopback interface only" in page
 
 
 @pytest.mark.slow
@@ -214,21 +219,10 @@ def test_a_rank_that_dies_ends_the_job_in_one_line(pipeline: Path, sig: signal.S
     assert {k: v for k, v in failed.data.tags.items() if k.startswith("machine.")} == machine.provenance()
 
 
-# The real params, training shrunk to one epoch (165 iterations of the global batch of 256).
-SHRUNK = yaml.safe_load((REPO / "params.yaml").read_text())
-SHRUNK["train"].update(epochs=1, log_every=55)
-
-
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, real_mnist: Path) -> Path:
-    """A clone with the shrunk params committed and reproduced on one process, then `dvc exp run` on two."""
-    root = copy_project(tmp_path_factory.mktemp("ddp") / "repo")
-    (root / "params.yaml").write_text(yaml.safe_dump(SHRUNK, sort_keys=False))
-    env = project_env()
-    subprocess.run(["git", "commit", "-qam", "one epoch"], cwd=root, check=True, env=env)
-    dvc(root, "repro", MNIST_MIRROR=str(real_mnist))
-    subprocess.run(["git", "add", "-A"], cwd=root, check=True, env=env)
-    subprocess.run(["git", "commit", "-qm", "one process"], cwd=root, check=True, env=env)
+def repo(tmp_path_factory: pytest.TempPathFactory, real_baseline: Path) -> Path:
+    """A copy of the session's real-data baseline (one epoch on one process, committed), then `dvc exp run` on two."""
+    root = copy_workdir(real_baseline, tmp_path_factory.mktemp("ddp") / "repo")
     dvc(root, "exp", "run", "-n", "ddp2", "-S", "train.processes=2", "-S", "train.num_threads=1")
     return root
 
@@ -260,7 +254,7 @@ def test_dvc_exp_run_on_two_processes_gives_one_run_of_the_same_quality(repo: Pa
 def test_two_machines_on_127_0_0_1_give_the_bytes_of_one_machine_with_two_processes(
     repo: Path, tmp_path: Path
 ) -> None:
-    # Machine 0 runs the stage through DVC, machine 1 the torchrun command of the README, each in its own clone.
+    # Machine 0 runs the stage through DVC, machine 1 the torchrun command of the docs, each in its own clone.
     first = copy_workdir(repo, tmp_path / "machine0")
     second = copy_workdir(repo, tmp_path / "machine1")
     lock = (first / "dvc.lock").read_bytes()
@@ -271,18 +265,11 @@ def test_two_machines_on_127_0_0_1_give_the_bytes_of_one_machine_with_two_proces
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         env=project_env(PET_NNODES="2", PET_RDZV_ENDPOINT=endpoint),
     )
-    # Machine 0 hosts the rendezvous: start machine 1 once it listens.
-    deadline = time.monotonic() + 120
-    while True:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        assert dvc_run.poll() is None and time.monotonic() < deadline, dvc_run.communicate()[0]
-        time.sleep(0.2)
-    readme = shlex.split(readme_block("torchrun --nnodes", "bash").replace("\\\n", " "))
-    assert readme[readme.index("-m") + 2:] == TRAIN_ARGS  # the README's command is the stage's, as dvc.yaml has it
+    wait_for_rendezvous(port, dvc_run)  # machine 0 hosts it
+    documented = shlex.split(doc_block("torchrun --nnodes", "bash").replace("\\\n", " "))
+    assert documented[documented.index("-m") + 2:] == TRAIN_ARGS  # the docs' command is the stage's, as in dvc.yaml
     launcher = subprocess.run(
-        [part.replace("host0:29400", endpoint) for part in readme],
+        [part.replace("host0:29400", endpoint) for part in documented],
         cwd=second, capture_output=True, text=True, env=project_env(), timeout=300,
     )
     out = dvc_run.communicate(timeout=300)[0]
@@ -292,3 +279,42 @@ def test_two_machines_on_127_0_0_1_give_the_bytes_of_one_machine_with_two_proces
     # dvc.lock holds the hashes of the one-machine run: the model and reports are byte for byte the same.
     assert (first / "dvc.lock").read_bytes() == lock
     assert (second / "models/model.pt").read_bytes() == (repo / "models/model.pt").read_bytes()
+
+
+def test_every_process_compares_the_code_dvc_yaml_says_makes_the_model() -> None:
+    deps = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]["train"]["deps"]
+    code = [path.relative_to(REPO).as_posix() for path in distributed.training_code()]
+    assert sorted(code) == sorted(dep for dep in deps if dep.endswith(".py"))
+
+
+@pytest.mark.slow  # two torchruns, four processes that import torch, a live run: 30-50 s on 2 shared cores
+def test_a_machine_whose_model_py_differs_is_refused_before_training(pipeline: Path, tmp_path: Path) -> None:
+    # Two machines on 127.0.0.1, a process each; machine 1's checkout has a model.py that differs by a comment alone
+    # (it trains the same network), yet every machine must run the same commit: the job stops before training.
+    set_train(pipeline, processes=2, num_threads=1)
+    before = snapshot(pipeline)
+    code = tmp_path / "machine1-code"  # machine 1's checkout: the repo's code, model.py edited
+    for package in ("mnist_pipeline", "stages"):
+        shutil.copytree(REPO / package, code / package, ignore=shutil.ignore_patterns("__pycache__"))
+    model = code / "mnist_pipeline" / "model.py"
+    model.write_text(model.read_text() + "# edited on machine 1 alone\n")
+    second = copy_workdir(pipeline, tmp_path / "machine1")
+    port = free_port()
+    endpoint = f"127.0.0.1:{port}"
+    first = start_training(pipeline, PET_NNODES="2", PET_RDZV_ENDPOINT=endpoint, GLOO_SOCKET_IFNAME="lo")
+    wait_for_rendezvous(port, first)
+    other = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend",
+         "c10d", "--rdzv-endpoint", endpoint, "-m", "stages.train", *TRAIN_ARGS],
+        cwd=second, capture_output=True, text=True, timeout=300,
+        env=project_env(PYTHONPATH=str(code), DVC_ROOT=str(second), GLOO_SOCKET_IFNAME="lo"),
+    )
+    stdout, stderr = first.communicate(timeout=300)
+
+    assert first.returncode == 1 and other.returncode != 0, stderr
+    error = stderr.strip().splitlines()
+    assert len(error) == 1 and "Traceback" not in stderr, stderr
+    assert re.search(r"failed: code of ranks \[[01]\] differ from rank 0's: every machine needs the same", error[0])
+    assert error[0].endswith("is marked FAILED; the outputs are left as they were")
+    assert "Iteration" not in stdout + other.stdout  # refused before the first step
+    assert snapshot(pipeline) == before and snapshot(second) == before

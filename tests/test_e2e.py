@@ -49,7 +49,7 @@ def test_dvc_repro_on_real_data_reproduces_the_committed_results(tmp_path: Path,
         "figures/predictions.png", "figures/misclassified.png", "figures/confusion_matrix.png"}
     (version,) = client.search_model_versions("name = 'mnist-cnn'")
     assert version.run_id == run.info.run_id and run.data.tags["model.version"] == f"mnist-cnn/{version.version}"
-    # The README serves the champion: it reads the 10,000 test images as uint8 arrays with the committed accuracy.
+    # docs/serving.md serves the champion: it reads the 10,000 test images as uint8 arrays with the committed accuracy.
     assert client.get_model_version_by_alias("mnist-cnn", "champion").version == version.version
     images, labels = load_mnist(clone / "data/raw", "t10k")
     answer = mlflow.pyfunc.load_model("models:/mnist-cnn@champion").predict(images)

@@ -20,36 +20,23 @@ import pytest
 import yaml
 
 from tests.conftest import (
-    REPO, copy_project, copy_workdir, dvc, free_port, get_json, project_env, queue_workers, readme_commands, serving,
+    copy_workdir, doc_commands, dvc, free_port, get_json, one_epoch_params, project_env, queue_workers, serving,
     wait_for_queue,
 )
 
 pytestmark = pytest.mark.slow
-# The real params with training shrunk to one epoch, reported every 100 iterations.
-BASELINE = yaml.safe_load((REPO / "params.yaml").read_text())
-BASELINE["train"].update(epochs=1, log_every=100)
+BASELINE = one_epoch_params()  # the params of the session's real-data baseline
 CHROMIUM = [
     "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
     "--disable-background-networking", "--disable-component-update", "--virtual-time-budget=15000",
 ]
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory: pytest.TempPathFactory, real_mnist: Path) -> Path:
-    """A copy of the project whose baseline (training shrunk to one epoch) is reproduced and committed."""
-    root = copy_project(tmp_path_factory.mktemp("experiments") / "repo")
-    (root / "params.yaml").write_text(yaml.safe_dump(BASELINE, sort_keys=False))
-    dvc(root, "repro", MNIST_MIRROR=str(real_mnist))
-    env = project_env()
-    subprocess.run(["git", "add", "-A"], cwd=root, check=True, env=env)
-    subprocess.run(["git", "commit", "-qm", "baseline: one epoch"], cwd=root, check=True, env=env)
-    return root
-
-
 @pytest.fixture
-def repo(baseline: Path, tmp_path: Path) -> Path:
-    """This test's own copy of the baseline repo (git, DVC cache, MLflow store): no other test's runs in it."""
-    return copy_workdir(baseline, tmp_path / "repo")
+def repo(real_baseline: Path, tmp_path: Path) -> Path:
+    """This test's own copy of the session's baseline repo (conftest's `real_baseline`: git, DVC cache, MLflow
+    store): no other test's runs in it."""
+    return copy_workdir(real_baseline, tmp_path / "repo")
 
 
 def report_steps() -> list[int]:
@@ -71,7 +58,12 @@ def mlflow_runs(root: Path) -> list[mlflow.entities.Run]:
     return mlflow.search_runs([experiment.experiment_id], output_format="list")
 
 
-def test_exp_run_reruns_exactly_train_evaluate_plot(repo: Path) -> None:
+def test_named_queued_and_temp_experiments_each_have_their_run_and_the_best_applies_up_to_date(
+    repo: Path, tmp_path: Path
+) -> None:
+    """One scenario, so that each experiment trains once: a named run, a queued grid, a --temp run, what DVC and
+    MLflow (its API and `mlflow ui`) show of them, `dvc exp apply` and `dvc exp branch` of the best, and a reverted
+    change that DVC's run-cache brings back without training."""
     out = dvc(repo, "exp", "run", "-n", "lr-0001", "-S", "train.lr=0.001").stdout
     for stage in ("download", "split"):
         assert f"Stage '{stage}' didn't change, skipping" in out
@@ -94,30 +86,14 @@ def test_exp_run_reruns_exactly_train_evaluate_plot(repo: Path) -> None:
     assert run.data.metrics["test.accuracy"] == float(row["test.accuracy"])
     assert run.data.tags["dvc.exp_baseline_rev"] == run.data.tags["mlflow.source.git.commit"]
 
-
-def test_plots_show_and_diff_draw_in_chromium(repo: Path, tmp_path: Path) -> None:
-    for command in (["plots", "show"], ["plots", "diff", "HEAD"]):
-        out = tmp_path / command[1]
-        dvc(repo, *command, "-o", str(out))
-        dom = subprocess.run(
-            [*CHROMIUM, f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom", (out / "index.html").as_uri()],
-            capture_output=True, text=True, timeout=120, check=True,
-        ).stdout
-        # vega-embed replaces each plot's empty div with a canvas once the spec has been drawn.
-        drawn = dom.count('class="marks"')
-        assert drawn == 3, f"{command}: Vega drew {drawn} of 3 plots"
-        for name in ("predictions", "misclassified", "confusion_matrix"):
-            assert f"{name}.png" in dom
-        assert all((out / "static" / p).stat().st_size > 10_000 for p in (out / "static").iterdir())
-
-
-def test_queued_grid_and_temp_runs_land_in_the_root_store(repo: Path) -> None:
-    dvc(repo, "exp", "run", "-n", "lr-0001", "-S", "train.lr=0.001")  # the grid's 0.001 repeats it
+    # A queued grid, two at a time, whose 0.001 repeats lr-0001; then a --temp run, told MLflow's store by a
+    # relative URI, as a user who exported MLFLOW_TRACKING_URI=sqlite:///mlflow.db would.
     dvc(repo, "exp", "run", "--queue", "-S", "train.lr=0.0005,0.001,0.002")
     with queue_workers(repo, 2, repo.parent / "queue-start.log"):
         status = wait_for_queue(repo, 900)
     assert status.count("Success") == 3, status
-    dvc(repo, "exp", "run", "--temp", "-n", "temp-run", "-S", "train.lr=0.003")
+    dvc(repo, "exp", "run", "--temp", "-n", "temp-run", "-S", "train.lr=0.003",
+        MLFLOW_TRACKING_URI="sqlite:///mlflow.db")
 
     table = exp_table(repo)
     grid = {r["train.lr"]: r for r in table.values() if r["typ"] != "baseline" and r["Experiment"] != "lr-0001"}
@@ -140,7 +116,7 @@ def test_queued_grid_and_temp_runs_land_in_the_root_store(repo: Path) -> None:
         assert run.info.artifact_uri.startswith((repo / "mlartifacts").as_uri())
         figures = [a.path for a in client.list_artifacts(run.info.run_id, "figures")]
         assert len(figures) == 3
-        local = Path(client.download_artifacts(run.info.run_id, figures[0], str(repo / "downloads" / name)))
+        local = Path(client.download_artifacts(run.info.run_id, figures[0], str(tmp_path / "downloads" / name)))
         assert local.read_bytes()[:4] == b"\x89PNG"
     # One version per distinct model file, registered by the run that logged it; the restored run points at it.
     versions = client.search_model_versions("name = 'mnist-cnn'")
@@ -155,43 +131,20 @@ def test_queued_grid_and_temp_runs_land_in_the_root_store(repo: Path) -> None:
     champion = client.get_model_version_by_alias("mnist-cnn", "champion")
     best = max(r.data.metrics["train.best_val_acc"] for r in runs)
     assert by_id[champion.run_id].data.metrics["train.best_val_acc"] == best
+    (temp,) = [r for r in runs if r.info.run_name == "temp-run"]
+    assert temp.data.tags["dvc.exp_name"] == "temp-run"
+    model = client.get_model_version("mnist-cnn", temp.data.tags["model.version"].split("/")[1])
+    assert model.run_id == temp.info.run_id and model.tags["dvc.exp_name"] == "temp-run"
 
-
-def test_apply_and_branch_of_the_best_experiment_are_up_to_date(repo: Path) -> None:
-    for lr in ("0.002", "0.005"):
-        dvc(repo, "exp", "run", "-S", f"train.lr={lr}")
-    table = exp_table(repo)
-    experiments = [r for r in table.values() if r["typ"] != "baseline"]
-    assert len(experiments) == 2
-    best = max(experiments, key=lambda r: float(r["test.accuracy"]))["Experiment"]
-    dvc(repo, "exp", "apply", best)
-    assert "Data and pipelines are up to date." in dvc(repo, "repro").stdout
-    applied = json.loads((repo / "reports/metrics.json").read_text())["test"]["accuracy"]
-    assert applied == float(table[best]["test.accuracy"])
-
-    env = project_env()
-    subprocess.run(["git", "reset", "-q", "--hard"], cwd=repo, check=True, env=env)
-    dvc(repo, "checkout")
-    dvc(repo, "exp", "branch", best, "best")
-    subprocess.run(["git", "checkout", "-q", "best"], cwd=repo, check=True, env=env)
-    dvc(repo, "checkout")
-    assert "Data and pipelines are up to date." in dvc(repo, "repro").stdout
-    subprocess.run(["git", "checkout", "-q", "-"], cwd=repo, check=True, env=env)
-    dvc(repo, "checkout")
-
-
-def test_mlflow_ui_shows_every_run(repo: Path, tmp_path: Path) -> None:
-    runs_before = len(mlflow_runs(repo))
-    dvc(repo, "exp", "run", "-n", "lr-0001", "-S", "train.lr=0.001")
+    # `mlflow ui` shows every one of these runs, with its curves and figures. In the repo root with no flags but
+    # the port: the default store is the repo's.
     port = free_port()
-    # `mlflow ui` in the repo root with no flags but the port: the default store is the repo's.
     with serving(["mlflow", "ui", "--port", str(port)], port, "/health", repo, project_env()) as base:
         api = f"{base}/api/2.0/mlflow"
         experiments = get_json(f"{api}/experiments/search", {"max_results": 100})["experiments"]
         by_name = {e["name"]: e["experiment_id"] for e in experiments}
         found = get_json(f"{api}/runs/search", {"experiment_ids": [by_name["mnist"]], "max_results": 100})["runs"]
-        # the baseline's run and lr-0001's
-        assert len(found) == len(mlflow_runs(repo)) == runs_before + 1
+        assert len(found) == len(mlflow_runs(repo)) == len(runs)
         for experiment_id in set(by_name.values()) - {by_name["mnist"]}:
             assert not get_json(f"{api}/runs/search", {"experiment_ids": [experiment_id]}).get("runs")
         for run in found:
@@ -213,6 +166,56 @@ def test_mlflow_ui_shows_every_run(repo: Path, tmp_path: Path) -> None:
         ).stdout
         assert "mnist" in dom, dom[-2000:]
 
+    # The best of these experiments, applied or made a branch, is up to date: nothing to reproduce.
+    experiments = [r for r in table.values() if r["typ"] != "baseline"]
+    best = max(experiments, key=lambda r: float(r["test.accuracy"]))["Experiment"]
+    dvc(repo, "exp", "apply", best)
+    assert "Data and pipelines are up to date." in dvc(repo, "repro").stdout
+    applied = json.loads((repo / "reports/metrics.json").read_text())["test"]["accuracy"]
+    assert applied == float(table[best]["test.accuracy"])
+
+    env = project_env()
+    subprocess.run(["git", "reset", "-q", "--hard"], cwd=repo, check=True, env=env)
+    dvc(repo, "checkout")
+    dvc(repo, "exp", "branch", best, "best")
+    subprocess.run(["git", "checkout", "-q", "best"], cwd=repo, check=True, env=env)
+    dvc(repo, "checkout")
+    assert "Data and pipelines are up to date." in dvc(repo, "repro").stdout
+    subprocess.run(["git", "checkout", "-q", "-"], cwd=repo, check=True, env=env)
+    dvc(repo, "checkout")
+
+    # A reverted change comes back from DVC's run-cache without training: lr-0001's params in the workspace
+    # (trained above), then the committed ones again.
+    before, versions = run_count(repo), len(client.search_model_versions("name = 'mnist-cnn'"))
+    changed = {**BASELINE, "train": {**BASELINE["train"], "lr": 0.001}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
+    assert "Stage 'train' is cached - skipping run, checking out outputs" in dvc(repo, "repro").stdout
+    subprocess.run(["git", "checkout", "params.yaml"], cwd=repo, check=True)
+    out = dvc(repo, "repro").stdout
+    for stage in ("train", "evaluate", "plot"):
+        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in out
+    assert_clean(repo)  # identical metrics, figures and lock
+    # Nothing was trained, and each result was recorded already: no new run, no new version.
+    assert "record: already recorded as run 'workspace' (" in out
+    assert run_count(repo) == before
+    assert len(client.search_model_versions("name = 'mnist-cnn'")) == versions
+
+
+def test_plots_show_and_diff_draw_in_chromium(repo: Path, tmp_path: Path) -> None:
+    for command in (["plots", "show"], ["plots", "diff", "HEAD"]):
+        out = tmp_path / command[1]
+        dvc(repo, *command, "-o", str(out))
+        dom = subprocess.run(
+            [*CHROMIUM, f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom", (out / "index.html").as_uri()],
+            capture_output=True, text=True, timeout=120, check=True,
+        ).stdout
+        # vega-embed replaces each plot's empty div with a canvas once the spec has been drawn.
+        drawn = dom.count('class="marks"')
+        assert drawn == 3, f"{command}: Vega drew {drawn} of 3 plots"
+        for name in ("predictions", "misclassified", "confusion_matrix"):
+            assert f"{name}.png" in dom
+        assert all((out / "static" / p).stat().st_size > 10_000 for p in (out / "static").iterdir())
+
 
 def run_count(repo: Path) -> int:
     return len(mlflow_runs(repo))
@@ -224,33 +227,9 @@ def assert_clean(repo: Path) -> None:
     assert status.stdout == "", status.stdout
 
 
-def test_forced_repro_reproduces_every_byte(repo: Path) -> None:
+def test_sigkill_during_training_then_a_forced_repro_reproduces_every_byte(repo: Path, real_mnist: Path) -> None:
     assert_clean(repo)
-    before = run_count(repo)
-    out = dvc(repo, "repro", "--force").stdout
-    assert all(f"Running stage '{s}'" in out for s in ("download", "split", "train", "evaluate", "plot", "record"))
-    assert_clean(repo)
-    assert "record: already recorded as run 'workspace' (" in out and run_count(repo) == before  # the same result
-
-
-def test_run_cache_restores_a_reverted_experiment_without_training(repo: Path) -> None:
-    changed = {**BASELINE, "train": {**BASELINE["train"], "lr": 0.004}}
-    (repo / "params.yaml").write_text(yaml.safe_dump(changed, sort_keys=False))
-    dvc(repo, "repro")
-    before = run_count(repo)
-    versions = len(mlflow.MlflowClient().search_model_versions("name = 'mnist-cnn'"))
-    subprocess.run(["git", "checkout", "params.yaml"], cwd=repo, check=True)
-    out = dvc(repo, "repro").stdout
-    for stage in ("train", "evaluate", "plot"):
-        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in out
-    assert_clean(repo)  # identical metrics, figures and lock
-    # Nothing was trained, and the result is the baseline's, recorded already: one run for it still.
-    assert "record: already recorded as run 'workspace' (" in out
-    assert run_count(repo) == before
-    assert len(mlflow.MlflowClient().search_model_versions("name = 'mnist-cnn'")) == versions
-
-
-def test_sigkill_during_training_then_repro_completes(repo: Path) -> None:
+    runs_before = {r.info.run_id for r in mlflow_runs(repo)}
     env = project_env(PYTHONUNBUFFERED="1")
     process = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--force", "train"], cwd=repo, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -262,11 +241,15 @@ def test_sigkill_during_training_then_repro_completes(repo: Path) -> None:
     model = repo / "models/model.pt"
     # Never a partial model at the output path: DVC removed the old one, and ours is renamed in only when complete.
     assert not model.exists()
-    # Train again for real (a plain `dvc repro` may restore the outputs from DVC's cache instead).
-    out = dvc(repo, "repro", "--force", "train").stdout
-    assert "Running stage 'train'" in out
-    assert_clean(repo)  # the same bytes as a run that was never stopped
+    # Every stage again, for real (a plain `dvc repro` may restore the outputs from DVC's cache instead).
+    out = dvc(repo, "repro", "--force", MNIST_MIRROR=str(real_mnist)).stdout
+    assert all(f"Running stage '{s}'" in out for s in ("download", "split", "train", "evaluate", "plot", "record"))
+    assert_clean(repo)  # the same bytes as the baseline's run, which was never stopped
     assert "Data and pipelines are up to date." in dvc(repo, "repro").stdout
+    # The same result, recorded already: no new run but the killed training's.
+    assert "record: already recorded as run 'workspace' (" in out
+    new_runs = [r for r in mlflow_runs(repo) if r.info.run_id not in runs_before]
+    assert [r.info.status for r in new_runs] == ["KILLED"]
 
 
 def test_bad_params_through_dvc_repro_change_nothing(repo: Path) -> None:
@@ -287,7 +270,7 @@ def test_bad_params_through_dvc_repro_change_nothing(repo: Path) -> None:
 
 
 def test_a_killed_queued_experiment_stops_the_worker_and_the_readme_goes_on(repo: Path) -> None:
-    dvc(repo, "exp", "run", "--queue", "-S", "train.lr=0.0021,0.0022,0.0023")
+    dvc(repo, "exp", "run", "--queue", "-S", "train.lr=0.0021,0.0022")  # one killed, one left to run
     with queue_workers(repo, 1, repo.parent / "queue-start.log"):
         deadline = time.monotonic() + 300
         while "Running" not in (status := dvc(repo, "queue", "status").stdout):
@@ -299,17 +282,17 @@ def test_a_killed_queued_experiment_stops_the_worker_and_the_readme_goes_on(repo
             time.sleep(1)
         dvc(repo, "queue", "kill", killed)
         time.sleep(20)  # what a worker would take to pick up the next one
-        # What the README says happens: the rest wait for a worker, and the killed row shows the baseline's metrics.
+        # What the docs say happens: the rest wait for a worker, and the killed row shows the baseline's metrics.
         status = dvc(repo, "queue", "status").stdout
-        assert status.count("Queued") == 2 and "Worker status: 0 active, 0 idle" in status, status
+        assert status.count("Queued") == 1 and "Worker status: 0 active, 0 idle" in status, status
         rows = exp_table(repo)
         assert rows[killed]["State"] == "Failed" and rows[killed]["train.lr"] == "0.0021"
         assert rows[killed]["test.accuracy"] == rows["master"]["test.accuracy"]
 
-        start, hide, remove = readme_commands("dvc queue remove --failed")
+        start, hide, remove = doc_commands("dvc queue remove --failed")
         subprocess.run(start, shell=True, cwd=repo, env=project_env(), check=True, capture_output=True)
         status = wait_for_queue(repo, 600)
-        assert status.count("Success") == 2, status
+        assert status.count("Success") == 1, status
         shown = subprocess.run(hide, shell=True, cwd=repo, env=project_env(), check=True, capture_output=True,
                                text=True).stdout
         assert killed not in shown and "Failed" not in shown

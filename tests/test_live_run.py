@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib
 import os
 import signal
 import subprocess
@@ -14,8 +15,8 @@ import mlflow
 import pytest
 import yaml
 
-from tests.conftest import REPO, pipeline_commands, project_env
-from tests.test_faults import runs, snapshot, stage
+from tests.conftest import REPO, copy_workdir, pipeline_commands, project_env
+from tests.test_faults import runs, snapshot
 
 STAGE_ARGS = pipeline_commands()
 
@@ -35,12 +36,29 @@ def test_the_run_that_watched_the_training_is_the_results_run(pipeline: Path) ->
     assert "test.accuracy" in run.data.metrics and run.data.tags["model.version"] == "mnist-cnn/1"
 
 
-def test_a_running_training_shows_its_curves_and_a_killed_one_where_it_stopped(pipeline: Path) -> None:
-    params = yaml.safe_load((pipeline / "params.yaml").read_text())
-    params["train"].update(epochs=1000, log_every=4)
-    (pipeline / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    before = snapshot(pipeline)
+def train_long(root: Path) -> None:
+    """Set the copy's training to go on until it is stopped, reporting every 4 iterations, on one thread (two
+    trainings share the test machine's cores)."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["train"].update(epochs=1000, log_every=4, num_threads=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def test_a_running_training_shows_its_curves_and_a_killed_or_stopped_one_where_it_stopped(
+    pipeline: Path, built_pipeline: Path, tmp_path: Path
+) -> None:
+    """Two trainings at once, each in its own copy of the tiny pipeline: one killed without a word (SIGKILL: the
+    helper sees its pipe close), one stopped (SIGTERM: the stage tells the helper). Both runs end KILLED."""
+    stopped = copy_workdir(built_pipeline, tmp_path / "stopped")
+    for root in (pipeline, stopped):
+        train_long(root)
+    before = {root: snapshot(root) for root in (pipeline, stopped)}
     process = subprocess_train(pipeline)
+    terminated = subprocess.Popen(
+        [sys.executable, "-m", "stages.train", *STAGE_ARGS["train"]], cwd=stopped, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True,
+        env=project_env(PYTHONPATH=str(REPO), DVC_ROOT=str(stopped), PYTHONUNBUFFERED="1"),
+    )
     try:
         deadline = time.monotonic() + 120
         while True:  # what `mlflow ui` shows while it trains: a RUNNING run with validation points
@@ -55,13 +73,26 @@ def test_a_running_training_shows_its_curves_and_a_killed_one_where_it_stopped(p
         while (watched := mlflow.MlflowClient().get_run(watched.info.run_id)).info.status == "RUNNING":
             assert time.monotonic() < deadline, "the killed training's run stayed RUNNING"
             time.sleep(0.5)
+
+        while (line := terminated.stdout.readline()) and "Iteration 8 statistics" not in line:
+            pass
+        terminated.send_signal(signal.SIGTERM)
+        terminated.communicate(timeout=120)
     finally:
         process.kill()
+        terminated.kill()
     assert watched.info.status == "KILLED" and watched.data.tags["training"] == "killed"
     assert "killed" in watched.data.tags["failure"]
     steps = [step for step, _ in history(watched.info.run_id, "val_acc")]
     assert len(steps) >= 2 and steps == sorted(set(steps))  # where it stopped, each report once
-    assert snapshot(pipeline) == before  # the outputs as DVC left them
+    assert snapshot(pipeline) == before[pipeline]  # the outputs as DVC left them
+
+    assert terminated.returncode != 0
+    assert snapshot(stopped) == before[stopped]  # the old model and reports kept
+    watched, recorded = runs(stopped)  # the run that watched the training shows where it stopped
+    assert watched.info.status == "KILLED" and watched.data.tags["training"] == "killed"
+    assert "SIGTERM" in watched.data.tags["failure"] and "val_acc" in watched.data.metrics
+    assert recorded.info.status == "FINISHED"
 
 
 def subprocess_train(root: Path) -> subprocess.Popen[bytes]:
@@ -70,25 +101,32 @@ def subprocess_train(root: Path) -> subprocess.Popen[bytes]:
                             env=project_env(PYTHONPATH=str(REPO), DVC_ROOT=str(root)))
 
 
-def test_a_retraining_of_a_recorded_result_leaves_one_run(pipeline: Path) -> None:
+def in_process(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stage's main(), in this process, as dvc.yaml calls it."""
+    monkeypatch.setattr(sys, "argv", [name, *STAGE_ARGS[name]])
+    importlib.import_module(f"stages.{name}").main()
+
+
+def test_a_retraining_of_a_recorded_result_leaves_one_run(pipeline: Path, monkeypatch, capsys) -> None:
     (first,) = runs(pipeline)
-    assert stage(pipeline, "train").returncode == 0  # the same bytes again, watched by a new run
+    in_process("train", monkeypatch)  # the same bytes again, watched by a new run
     (pipeline / STAGE_ARGS["record"][-1]).unlink()
-    recorded = stage(pipeline, "record")
-    assert recorded.returncode == 0, recorded.stderr
-    lines = recorded.stdout.splitlines()
+    capsys.readouterr()
+    in_process("record", monkeypatch)
+    lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"record: already recorded as run 'workspace' ({first.info.run_id})")
     assert lines[1].startswith("record: run ") and "which watched this training, deleted" in lines[1]
     assert [r.info.run_id for r in runs(pipeline)] == [first.info.run_id]
 
 
-def test_live_curves_off_trains_the_same_and_record_makes_the_run(pipeline: Path) -> None:
+def test_live_curves_off_trains_the_same_and_record_makes_the_run(pipeline: Path, monkeypatch) -> None:
     before = snapshot(pipeline)
     mlflow.set_tracking_uri(f"sqlite:///{pipeline / 'mlflow.db'}")
     mlflow.MlflowClient().delete_run(runs(pipeline)[0].info.run_id)  # so that record records it again
-    assert stage(pipeline, "train", MNIST_LIVE_CURVES="off").returncode == 0
+    monkeypatch.setenv("MNIST_LIVE_CURVES", "off")
+    in_process("train", monkeypatch)
     assert snapshot(pipeline) == before and runs(pipeline) == []
     (pipeline / STAGE_ARGS["record"][-1]).unlink()
-    assert stage(pipeline, "record").returncode == 0
+    in_process("record", monkeypatch)
     (run,) = runs(pipeline)
     assert "training" not in run.data.tags and len(history(run.info.run_id, "val_acc")) >= 2

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from mnist_pipeline.errors import PipelineError
-from stages.plot import CELL_H, CELL_W, TITLE_H, image_grid, mosaic
+from mnist_pipeline.figures import CELL_H, CELL_W, TITLE_H, image_grid, mosaic
 
 
 def digits(n: int) -> np.ndarray:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib
 import json
 import shutil
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -16,14 +16,15 @@ import pytest
 import yaml
 from mlflow.entities import LoggedModelStatus
 
+from mnist_pipeline import live_run
 from mnist_pipeline.data import load_mnist
 from mnist_pipeline.errors import run_stage
-from mnist_pipeline.result import served_code_sha256, served_config
 from mnist_pipeline.params import load_params
+from mnist_pipeline.served_package import served_config
 from mnist_pipeline.store import resolve_store
-from stages import plot, record
-from tests.conftest import REPO, pipeline_commands, project_env, run_pipeline, shrunk_params
-from tests.test_faults import assert_refused, snapshot, stage
+from stages import plot, record, train
+from tests.conftest import REPO, pipeline_commands
+from tests.test_faults import snapshot
 
 MARKER = Path(pipeline_commands()["record"][-1])
 
@@ -64,15 +65,15 @@ def test_a_plot_only_change_is_its_own_run_and_points_at_the_models_version(done
     assert first.info.status == second.info.status == "FINISHED"
 
 
-def test_a_corrupt_store_stops_train_before_training(done: Path) -> None:
+def test_a_corrupt_store_stops_train_before_training(done: Path, monkeypatch, capsys) -> None:
     before = snapshot(done)
     (done / "mlflow.db").write_bytes(b"garbage" * 1000)
-    result = subprocess.run(
-        [sys.executable, "-m", "stages.train", *pipeline_commands()["train"]], cwd=done, capture_output=True, text=True,
-        env=project_env(PYTHONPATH=str(REPO), DVC_ROOT=str(done)), timeout=600,
-    )
-    assert_refused(result, f"MLflow store {done / 'mlflow.db'}: file is not a database", "move")
-    assert "Iteration" not in result.stdout  # no training
+    monkeypatch.setattr(sys, "argv", ["train", *pipeline_commands()["train"]])
+    with pytest.raises(SystemExit) as info:
+        run_stage(train.main)
+    message = str(info.value.code)
+    assert message.startswith(f"error: MLflow store {done / 'mlflow.db'}: file is not a database") and "move" in message
+    assert "\n" not in message and "Iteration" not in capsys.readouterr().out  # one line, and no training
     assert snapshot(done) == before
 
 
@@ -107,18 +108,20 @@ def test_a_store_failure_after_training_keeps_the_model_and_fails_the_run(done: 
     assert runs()[-1].info.status == "FINISHED" and marker.exists()
 
 
-def test_a_registered_version_whose_files_are_gone_is_logged_again_and_uncrowned(done: Path) -> None:
+def test_a_registered_version_whose_files_are_gone_is_logged_again_and_uncrowned(done: Path, monkeypatch,
+                                                                                 capsys) -> None:
     # `rm -rf mlartifacts`: the registry still lists version 1, the champion, and `models:/...` cannot load it.
     mlflow.set_tracking_uri(resolve_store().uri)
     assert champion()[0] == "1"
     shutil.rmtree(done / "mlartifacts")
     (done / MARKER).unlink()
-    checked = stage(done, "record")  # the real stage, as DVC runs it: the store check first, then the record
-    assert checked.returncode == 0, checked.stderr
-    assert "store: 1 registered model version(s) in sqlite:///" in checked.stderr
-    assert "have lost their files (mnist-cnn/1; was " in checked.stderr
-    assert "version 2 (logged again: version 1, the same model, has lost its files)" in checked.stdout
-    assert "mnist-cnn@champion is now version 2" in checked.stdout
+    capsys.readouterr()
+    record_main(monkeypatch)  # the stage's main: the store check first, then the record
+    checked = capsys.readouterr()
+    assert "store: 1 registered model version(s) in sqlite:///" in checked.err
+    assert "have lost their files (mnist-cnn/1; was " in checked.err
+    assert "version 2 (logged again: version 1, the same model, has lost its files)" in checked.out
+    assert "mnist-cnn@champion is now version 2" in checked.out
     images, _ = load_mnist(done / "data/raw", "t10k")
     assert len(mlflow.pyfunc.load_model("models:/mnist-cnn@champion").predict(images[:5])) == 5
     lost = mlflow.MlflowClient().get_model_version("mnist-cnn", "1")
@@ -126,12 +129,13 @@ def test_a_registered_version_whose_files_are_gone_is_logged_again_and_uncrowned
 
     # One run for the result: the one whose model cannot load is deleted (restorably), its replacement stays.
     (kept,) = runs()
-    assert kept.data.tags["model.version"] == "mnist-cnn/2" and "lost its model files: deleted" in checked.stdout
+    assert kept.data.tags["model.version"] == "mnist-cnn/2" and "lost its model files: deleted" in checked.out
 
     (done / MARKER).unlink()  # the same result again: recorded already, version 2 is whole
-    again = stage(done, "record")
-    assert again.returncode == 0 and "lost their files" not in again.stderr
-    assert again.stdout == f"record: already recorded as run 'workspace' ({kept.info.run_id}) in {resolve_store().uri}\n"
+    record_main(monkeypatch)
+    again = capsys.readouterr()
+    assert "lost their files" not in again.err
+    assert again.out == f"record: already recorded as run 'workspace' ({kept.info.run_id}) in {resolve_store().uri}\n"
     assert [r.info.run_id for r in runs()] == [kept.info.run_id]
 
 
@@ -141,38 +145,61 @@ def champion() -> tuple[str, float]:
     return str(version.version), float(version.tags["train.best_val_acc"])
 
 
-def train_and_record(tiny: tuple[Path, tuple], monkeypatch: pytest.MonkeyPatch, **train: object) -> float:
-    """The whole pipeline on the tiny data with these train params; the validation accuracy it reached."""
-    Path("params.yaml").write_text(yaml.safe_dump(shrunk_params(**train), sort_keys=False))
-    run_pipeline(*tiny, monkeypatch)
-    return json.loads(Path("reports/train.json").read_text())["train"]["best_val_acc"]
+def another_result(nudge: int, val_acc: float) -> None:
+    """Make the workspace's result another one: its model (one bias nudged) and best validation accuracy changed."""
+    import torch
+
+    state = torch.load("models/model.pt", weights_only=True)
+    bias = [key for key in state if key.endswith("bias")][-1]
+    torch.save({**state, bias: state[bias] + nudge * 1e-6}, "models/model.pt")
+    summary = json.loads(Path("reports/train.json").read_text())
+    summary["train"]["best_val_acc"] = val_acc
+    Path("reports/train.json").write_text(json.dumps(summary))
+    MARKER.unlink(missing_ok=True)
 
 
-def test_champion_is_the_best_validation_accuracy_whatever_the_order(workdir: Path, tiny_mnist, monkeypatch,
-                                                                     capsys) -> None:
-    crippled = train_and_record(tiny_mnist, monkeypatch, lr=1e-3)  # learns a little: past chance, short of the recipe
-    assert champion() == ("1", crippled)
-    kept = {path: path.read_bytes() for path in [Path("models/model.pt"), *Path("reports").rglob("*.*")]}
+def set_params(section: str, **values: object) -> None:
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params[section].update(values)
+    Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
-    learned = train_and_record(tiny_mnist, monkeypatch)
-    assert learned > crippled, "the real recipe must beat lr=1e-3, or this test checks nothing"
-    assert champion() == ("2", learned)  # a better model registered: the alias moves
 
-    # The worse result back in the workspace (as `dvc exp apply` would do), recorded again: the alias stays.
+def test_champion_is_the_best_validation_accuracy_whatever_the_order(done: Path, monkeypatch, capsys) -> None:
+    shutil.rmtree("mlartifacts")  # a new store: the tiny pipeline's own result is not part of this story
+    Path("mlflow.db").unlink()
+    another_result(1, 0.5)
+    record_main(monkeypatch)
+    assert champion() == ("1", 0.5)
+    kept = {path: path.read_bytes() for path in (Path("models/model.pt"), Path("reports/train.json"))}
+
+    another_result(2, 0.75)
+    record_main(monkeypatch)
+    assert champion() == ("2", 0.75)  # a better model registered: the alias moves
+
+    # The worse model back in the workspace (as `dvc exp apply` would bring it), with a plot-only change: a new
+    # result, whose run points at the version registered for that model. The alias stays.
     for path, data in kept.items():
         path.write_bytes(data)
+    set_params("plot", n_images=4)
     MARKER.unlink()
     capsys.readouterr()
     record_main(monkeypatch)
     assert runs()[-1].data.tags["model.version"] == "mnist-cnn/1"
-    assert champion() == ("2", learned)
+    assert champion() == ("2", 0.75)
     assert "mnist-cnn@champion" not in capsys.readouterr().out  # nothing moved, nothing said
     # Test accuracy plays no part: the tags hold train.json's validation accuracy, not metrics.json's test one.
     versions = mlflow.MlflowClient().search_model_versions("name = 'mnist-cnn'")
-    assert sorted(float(v.tags["train.best_val_acc"]) for v in versions) == [crippled, learned]
+    assert sorted(float(v.tags["train.best_val_acc"]) for v in versions) == [0.5, 0.75]
 
 
-def test_a_model_trained_on_deskewed_digits_is_served_deskewing_them(workdir: Path, tiny_mnist, monkeypatch) -> None:
+def run_stages(names: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """These stages' main(), in this process, as dvc.yaml calls them."""
+    for name in names:
+        monkeypatch.setattr(sys, "argv", [name, *pipeline_commands()[name]])
+        run_stage(importlib.import_module(f"stages.{name}").main)
+
+
+def test_a_model_trained_on_deskewed_digits_is_served_deskewing_them(done: Path, monkeypatch) -> None:
     import numpy as np
     import torch
     import torch.nn.functional as F
@@ -182,9 +209,11 @@ def test_a_model_trained_on_deskewed_digits_is_served_deskewing_them(workdir: Pa
     from mnist_pipeline.model import Net
     from mnist_pipeline.training import load_state_dict
 
-    train_and_record(tiny_mnist, monkeypatch)
-    plain_model = hashlib.sha256(Path("models/model.pt").read_bytes()).hexdigest()
-    val_acc = train_and_record(tiny_mnist, monkeypatch, deskew=True)
+    plain_model = hashlib.sha256(Path("models/model.pt").read_bytes()).hexdigest()  # the tiny pipeline's
+    set_params("train", deskew=True)
+    monkeypatch.setenv(live_run.SWITCH_ENV, "off")  # record makes the run
+    run_stages(["train", "evaluate", "plot", "record"], monkeypatch)
+    val_acc = json.loads(Path("reports/train.json").read_text())["train"]["best_val_acc"]
     assert hashlib.sha256(Path("models/model.pt").read_bytes()).hexdigest() != plain_model, "train ignored deskew"
     net = Net()
     load_state_dict("models/model.pt", net)
@@ -213,18 +242,32 @@ def test_a_model_trained_on_deskewed_digits_is_served_deskewing_them(workdir: Pa
     with pytest.raises(mlflow.exceptions.MlflowException, match="model_config deskew: expected true or false"):
         mlflow.pyfunc.load_model(f"models:/mnist-cnn/{version}", model_config={"deskew": "false"})
 
+    # The served config is part of what a version is: the same weights recorded with deskew off are another
+    # version, which serves the digits as they come.
+    set_params("train", deskew=False)
+    MARKER.unlink()
+    record_main(monkeypatch)
+    plain = runs()[-1].data.tags["model.version"].split("/")[1]
+    assert plain != version
+    client = mlflow.MlflowClient()
+    assert client.get_model_version("mnist-cnn", plain).tags["model_sha256"] == client.get_model_version(
+        "mnist-cnn", version).tags["model_sha256"]
+    served = mlflow.pyfunc.load_model(f"models:/mnist-cnn/{plain}").predict(images.astype(object))
+    assert np.allclose(np.stack(served["probabilities"]), torch.softmax(raw, 1).numpy(), atol=1e-6)
 
-def test_the_served_config_is_part_of_what_a_registered_version_is() -> None:
-    from mnist_pipeline.served_model import DESKEW
 
+def test_the_served_model_reads_what_its_package_writes_and_record_starts_without_torch() -> None:
+    from mnist_pipeline import served_model, served_package
+
+    # The names the served model reads, as its package writes them.
+    assert (served_package.WEIGHTS, served_package.DESKEW) == (served_model.WEIGHTS, served_model.DESKEW)
     params = load_params(REPO / "params.yaml")
     config = served_config(params)
-    assert set(config) == {DESKEW}  # the key the served model reads
-    deskewed = served_config(replace(params, train=replace(params.train, deskew=not params.train.deskew)))
-    assert served_code_sha256(config) != served_code_sha256(deskewed)
+    assert set(config) == {served_model.DESKEW}  # the key the served model reads
     # Without importing torch, or MLflow for a result recorded before: a plot-only result's record stage must not
-    # pay for torch (README, Performance), a result recorded before not for either.
-    check = ("import sys, stages.record, mnist_pipeline.result as r; from mnist_pipeline.params import load_params; "
+    # pay for torch (docs/performance.md), a result recorded before not for either.
+    check = ("import sys, stages.record, mnist_pipeline.served_package as r; "
+             "from mnist_pipeline.params import load_params; "
              "from mnist_pipeline.machine import trained_on; from pathlib import Path; "
              "r.served_code_sha256(r.served_config(load_params())); trained_on(Path('models/.trained-on.json'), 'a'); "
              "print('torch' in sys.modules or 'mlflow' in sys.modules)")

@@ -1,4 +1,4 @@
-"""Serving the registered model as the README says: its commands, read from README.md and run as written.
+"""Serving the registered model as the docs say: its commands, read from README.md and docs/serving.md, run as written.
 
 The model comes from a real `dvc repro` on the real data (training shrunk to one epoch) in a clone of the project.
 """
@@ -19,15 +19,12 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from mnist_pipeline.data import load_mnist
-from tests.conftest import REPO, copy_project, dvc, free_port, get_json, project_env, readme_block, serving
+from tests.conftest import REPO, copy_workdir, doc_block, free_port, project_env, serving
 
 pytestmark = pytest.mark.slow
-BASELINE = yaml.safe_load((REPO / "params.yaml").read_text())
-BASELINE["train"].update(epochs=1, log_every=100)
 README_PORT = "5001"  # the port the README's commands use; the tests swap in a free one
 EXAMPLE = re.compile(r"examples/digits/(\d+)_(\d)\S*\.(?:png|jpg)")
 
@@ -52,18 +49,15 @@ def example_request(path: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory, real_mnist: Path) -> Path:
-    """A clone whose pipeline ran on the real data: its mlflow.db holds mnist-cnn@champion."""
-    root = copy_project(tmp_path_factory.mktemp("serving") / "repo")
-    (root / "params.yaml").write_text(yaml.safe_dump(BASELINE, sort_keys=False))
-    dvc(root, "repro", MNIST_MIRROR=str(real_mnist))
-    return root
+def repo(tmp_path_factory: pytest.TempPathFactory, real_baseline: Path) -> Path:
+    """A copy of the session's clone whose pipeline ran on the real data: its mlflow.db holds mnist-cnn@champion."""
+    return copy_workdir(real_baseline, tmp_path_factory.mktemp("serving") / "repo")
 
 
 @pytest.fixture(scope="module")
 def server(repo: Path) -> Iterator[str]:
     """The README's `mlflow models serve` command, in the repo root, on a free port; stopped after the module."""
-    command = readme_block("mlflow models serve", "bash").strip()
+    command = doc_block("mlflow models serve", "bash").strip()
     port = free_port()
     # `timeout` stops the server even if this process dies before its teardown.
     with serving(["timeout", "1200", "bash", "-c", command.replace(README_PORT, str(port))], port, "/ping", repo,
@@ -81,7 +75,7 @@ def test_example_digits_are_real_mnist_test_digits(repo: Path) -> None:
 
 
 def test_readme_curl_answers_with_the_digit(repo: Path, server: str) -> None:
-    command = readme_block("curl", "bash").strip()
+    command = doc_block("curl", "bash").strip()
     label = label_of(command)
     url = server.removeprefix("http://").removesuffix("/invocations")
     out = subprocess.run(["bash", "-c", command.replace(f"127.0.0.1:{README_PORT}", url)], cwd=repo,
@@ -142,7 +136,7 @@ def test_bad_requests_get_400_in_one_line_and_the_server_keeps_serving(repo: Pat
 
 
 def test_readme_models_predict_reads_the_request_file(repo: Path) -> None:
-    commands = readme_block("mlflow models predict", "bash")
+    commands = doc_block("mlflow models predict", "bash")
     label = label_of(commands)
     out = subprocess.run(["bash", "-e", "-c", commands], cwd=repo, env=project_env(), capture_output=True,
                          text=True, timeout=300, check=True).stdout
@@ -151,7 +145,7 @@ def test_readme_models_predict_reads_the_request_file(repo: Path) -> None:
 
 
 def test_readme_python_predicts_the_test_set_with_evaluates_accuracy(repo: Path) -> None:
-    code = readme_block("mlflow.pyfunc.load_model", "python")
+    code = doc_block("mlflow.pyfunc.load_model", "python")
     out = subprocess.run([sys.executable, "-c", code], cwd=repo, env=project_env(), capture_output=True,
                          text=True, timeout=300, check=True).stdout
     accuracy = float(re.search(r"^test accuracy (\S+)$", out, re.M).group(1))

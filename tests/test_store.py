@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import sqlite3
 import subprocess
 from pathlib import Path
@@ -61,10 +62,22 @@ def test_a_run_from_a_temporary_copy_lands_in_the_root_store(root: Path) -> None
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
 
 
-def make_store(root: Path) -> store.Store:
-    found = resolve_store()
-    tracking.configure(found, "mnist")
-    return found
+@pytest.fixture(scope="session")
+def set_up_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MLflow store as MLflow sets one up for the mnist experiment, made once; the tests that check a store
+    take copies of its database (`stored`), since setting one up takes MLflow seconds."""
+    folder = tmp_path_factory.mktemp("set-up-store")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it; undone on leaving
+        tracking.configure(resolve_store({"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}), "mnist")
+    return folder / "mlflow.db"
+
+
+@pytest.fixture
+def stored(root: Path, set_up_store: Path) -> store.Store:
+    """The repo root's store, holding a copy of the set-up database."""
+    shutil.copy2(set_up_store, root / "mlflow.db")
+    return resolve_store()
 
 
 def damage_one_page(path: Path) -> None:
@@ -87,8 +100,8 @@ def damage_one_page(path: Path) -> None:
     ],
     ids=["garbage", "truncated", "damaged-page"],
 )
-def test_a_corrupt_store_is_one_line(root: Path, damage, words: str) -> None:
-    found = make_store(root)
+def test_a_corrupt_store_is_one_line(root: Path, stored: store.Store, damage, words: str) -> None:
+    found = stored
     damage(root / "mlflow.db")
     with pytest.raises(StoreError) as info:
         check_store(found)
@@ -97,16 +110,16 @@ def test_a_corrupt_store_is_one_line(root: Path, damage, words: str) -> None:
     assert "move" in message  # what to do
 
 
-def test_an_unwritable_artifact_folder_is_one_line(root: Path) -> None:
-    found = make_store(root)
+def test_an_unwritable_artifact_folder_is_one_line(root: Path, stored: store.Store) -> None:
+    found = stored
     (root / "mlartifacts").rmdir() if (root / "mlartifacts").exists() else None
     (root / "mlartifacts").write_text("a file where the folder should be")
     with pytest.raises(StoreError, match="cannot write in .*mlartifacts"):
         check_store(found)
 
 
-def test_a_full_disk_is_refused_before_the_work(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    found = make_store(root)
+def test_a_full_disk_is_refused_before_the_work(stored: store.Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    found = stored
     check_store(found)
     monkeypatch.setattr(store, "MIN_FREE_BYTES", 1 << 60)  # more than any disk: as if this one were full
     with pytest.raises(StoreError, match="MiB free in .*free some space"):
@@ -128,9 +141,9 @@ def test_a_real_full_disk_on_a_small_tmpfs(tmp_path: Path, monkeypatch: pytest.M
         subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
-def test_a_read_only_store_is_refused(root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_read_only_store_is_refused(root: Path, stored: store.Store, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """A store seen through a read-only mount (as root, file modes alone do not stop a write)."""
-    make_store(root)
     view = tmp_path / "read-only-view"
     view.mkdir()
     if subprocess.run(["mount", "--bind", str(root), str(view)], capture_output=True).returncode:

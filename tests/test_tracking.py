@@ -12,9 +12,11 @@ from pathlib import Path
 
 import mlflow
 import pytest
+from filelock import FileLock
+from mlflow.exceptions import MlflowException
 
-from mnist_pipeline import tracking
-from mnist_pipeline.store import resolve_store
+from mnist_pipeline import result, tracking
+from mnist_pipeline.store import StoreError, resolve_store
 from tests.conftest import GIT_IDENTITY, REPO
 
 WRITER = textwrap.dedent("""
@@ -24,10 +26,10 @@ WRITER = textwrap.dedent("""
     from mnist_pipeline.store import resolve_store
     experiment = tracking.configure(resolve_store(), "mnist")
     with tracking.tracked_run(experiment_id=experiment) as run:
-        tracking.retry_busy(mlflow.log_params, {"writer": "{name}"})
+        mlflow.log_params({"writer": "{name}"})
         for step in range(150):
-            tracking.retry_busy(mlflow.MlflowClient().log_batch, run.info.run_id,
-                                metrics=[Metric("a", step, 0, step), Metric("b", 2 * step, 0, step)])
+            mlflow.MlflowClient().log_batch(run.info.run_id,
+                                            metrics=[Metric("a", step, 0, step), Metric("b", 2 * step, 0, step)])
 """)
 
 
@@ -55,6 +57,55 @@ def test_two_processes_write_one_new_store_at_once(tmp_path: Path) -> None:
     for run in found:
         assert run.info.status == "FINISHED"
         assert [m.step for m in client.get_metric_history(run.info.run_id, "b")] == list(range(150))
+
+
+HOLDER = textwrap.dedent("""
+    import sqlite3, sys, time
+    store = sqlite3.connect(sys.argv[1], isolation_level=None)
+    store.execute("BEGIN EXCLUSIVE")  # what a writer holds while it commits, held here for seconds
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+    store.execute("COMMIT")
+""")
+
+
+def test_a_write_waits_while_another_process_holds_the_store(workdir: Path) -> None:
+    """SQLite's busy timeout, no retries: MLflow's sessions wait up to 20 s for the store, past pysqlite's 5 s."""
+    store = resolve_store()
+    experiment = tracking.configure(store, "mnist")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(store.database), "6"], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "held"
+    start = time.monotonic()
+    with tracking.tracked_run(experiment_id=experiment):
+        mlflow.log_param("writer", "waited")
+    waited = time.monotonic() - start
+    assert holder.wait(timeout=60) == 0
+    assert waited > 5  # it overlapped the hold, longer than the 5 s default
+    (run,) = runs(workdir)
+    assert run.info.status == "FINISHED" and run.data.params == {"writer": "waited"}
+
+
+def test_a_store_locked_past_the_timeout_is_one_line_naming_it(workdir: Path) -> None:
+    store = resolve_store()
+    # What MLflow raises when SQLite's busy timeout runs out: SQLAlchemy's message, its statement and a link.
+    locked = MlflowException("(sqlite3.OperationalError) database is locked\n[SQL: INSERT INTO runs (run_uuid) "
+                             "VALUES (?)]\n[parameters: ('5cef',)]\n(Background on this error at: "
+                             "https://sqlalche.me/e/20/e3q8)")
+    with pytest.raises(StoreError) as info, tracking.store_errors(store, "the result is not recorded"):
+        raise locked
+    assert str(info.value) == (f"MLflow store {store.uri}: (sqlite3.OperationalError) database is locked; "
+                               "the result is not recorded")
+
+
+def test_configure_gives_up_on_a_held_store_lock_in_one_line(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = resolve_store()
+    lock = store.database.with_name(f"{store.database.name}.lock")
+    monkeypatch.setattr(tracking, "STORE_LOCK_TIMEOUT_S", 0.2)
+    with FileLock(lock), pytest.raises(StoreError) as info:
+        tracking.configure(store, "mnist")
+    assert str(info.value).startswith(f"MLflow store {store.uri}: another process has held {lock} for 0.2 s")
+    assert f"`fuser {lock}`" in str(info.value) and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(("error", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
@@ -102,7 +153,7 @@ def test_tags_tie_a_run_to_git_and_dvc(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.delenv("DVC_EXP_NAME", raising=False)
     monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
     outputs = [Path("reports/metrics.json"), Path("reports/figures")]
-    tags = tracking.run_tags(outputs)
+    tags = result.run_tags(outputs)
     assert tags["mlflow.source.git.commit"] == head and tags["git.dirty"] == "false"
     assert "dvc.exp_name" not in tags
 
@@ -110,12 +161,12 @@ def test_tags_tie_a_run_to_git_and_dvc(tmp_path: Path, monkeypatch: pytest.Monke
     Path("reports/metrics.json").unlink()
     Path("reports/figures/a.png").write_text("other")
     Path("dvc.lock").write_text("b\n")
-    assert tracking.git_dirty(outputs) is False
+    assert result.git_dirty(outputs) is False
     # A changed param (or code) is.
     Path("params.yaml").write_text("seed: 2\n")
     monkeypatch.setenv("DVC_EXP_NAME", "hasty-kite")
     monkeypatch.setenv("DVC_EXP_BASELINE_REV", head)
-    tags = tracking.run_tags(outputs)
+    tags = result.run_tags(outputs)
     assert tags["git.dirty"] == "true"
     assert tags["dvc.exp_name"] == "hasty-kite" and tags["dvc.exp_baseline_rev"] == head
     assert "dvc exp apply hasty-kite" in tags["mlflow.note.content"]

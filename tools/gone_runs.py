@@ -18,9 +18,9 @@ import time
 import mlflow
 
 from mnist_pipeline import tracking
-from mnist_pipeline.errors import PipelineError, run_stage
+from mnist_pipeline.errors import PipelineError, run_stage, text_lines
 from mnist_pipeline.params import load_params
-from mnist_pipeline.result import NAMES_TAG
+from mnist_pipeline.result import ACCOUNT_TAG, NAMES_TAG, WORKSPACE_RUN_NAME, git
 from mnist_pipeline.store import USERNAME_ENV, resolve_store
 
 GONE_NOTE = (
@@ -43,7 +43,7 @@ def local_experiments() -> set[tuple[str, str]]:
     for line in result.stdout.splitlines():
         if line.strip() and not line[0].isspace() and line.endswith(":"):
             # A branch, a tag or a short commit, as the full commit DVC_EXP_BASELINE_REV holds.
-            baseline = (tracking.git("rev-parse", "--verify", f"{line[:-1]}^{{commit}}") or "").strip()
+            baseline = (git("rev-parse", "--verify", f"{line[:-1]}^{{commit}}") or "").strip()
         elif line.strip():
             name = line.strip()  # "<sha7> [<name>]", or "<name>"
             found.add((baseline, name.rsplit("[", 1)[1].rstrip("]") if name.endswith("]") else name))
@@ -53,11 +53,11 @@ def local_experiments() -> set[tuple[str, str]]:
 def remote_experiments() -> set[tuple[str, str]]:
     """(baseline commit, name) of the experiments every git remote holds: refs/exps/<sha[:2]>/<sha[2:]>/<name>."""
     found = set()
-    for remote in (tracking.git("remote") or "").split():
+    for remote in (git("remote") or "").split():
         listed = subprocess.run(["git", "ls-remote", remote, "refs/exps/*"], capture_output=True, text=True,
                                 check=False, timeout=120)
         if listed.returncode != 0:
-            why = (listed.stderr.strip().splitlines() or ["no answer"])[-1]
+            why = (text_lines(listed.stderr) or ["no answer"])[-1]
             raise PipelineError(f"git remote {remote!r} did not list its experiments ({why}), so nothing is marked "
                                 "gone: a teammate's experiment there would look gone; retry when it answers")
         for line in listed.stdout.splitlines():
@@ -78,7 +78,7 @@ def recorded_names(run: mlflow.entities.Run) -> set[tuple[str, str]]:
 
 def account_of(run: mlflow.entities.Run) -> str:
     """Who recorded a run: the tracking server login, else the computer's user."""
-    return run.data.tags.get(tracking.ACCOUNT_TAG) or run.data.tags.get("mlflow.user", "")
+    return run.data.tags.get(ACCOUNT_TAG) or run.data.tags.get("mlflow.user", "")
 
 
 def gone_runs(experiment_id: str, experiments: set[tuple[str, str]], min_age_s: float,
@@ -88,8 +88,8 @@ def gone_runs(experiment_id: str, experiments: set[tuple[str, str]], min_age_s: 
     A run still RUNNING, or ended less than `min_age_s` ago, is left alone: DVC commits an experiment only
     after its last stage, so a queue may still be about to list it. With `account`, only that account's runs.
     """
-    runs = tracking.retry_busy(
-        mlflow.search_runs, experiment_ids=[experiment_id], filter_string="tags.`dvc.exp_name` != ''",
+    runs = mlflow.search_runs(
+        experiment_ids=[experiment_id], filter_string="tags.`dvc.exp_name` != ''",
         output_format="list", order_by=["attributes.start_time ASC"],
     )
     settled = (time.time() - min_age_s) * 1000
@@ -97,7 +97,7 @@ def gone_runs(experiment_id: str, experiments: set[tuple[str, str]], min_age_s: 
         run for run in runs
         if run.info.status != "RUNNING" and (run.info.end_time or 0) < settled
         and (account is None or account_of(run) == account)
-        and not any(name == tracking.WORKSPACE_RUN_NAME for _, name in recorded_names(run))
+        and not any(name == WORKSPACE_RUN_NAME for _, name in recorded_names(run))
         and not recorded_names(run) & experiments
     ]
 
@@ -127,11 +127,11 @@ def main() -> None:
         for run in runs:
             name = run.data.tags["dvc.exp_name"]
             # The note said `dvc exp apply <name>`: say instead that the experiment is gone.
-            tracking.retry_busy(client.log_batch, run.info.run_id, tags=[
+            client.log_batch(run.info.run_id, tags=[
                 mlflow.entities.RunTag("mlflow.note.content", GONE_NOTE.format(name=name)),
                 mlflow.entities.RunTag("dvc.exp_gone", "true")])
             if args.delete:
-                tracking.retry_busy(client.delete_run, run.info.run_id)
+                client.delete_run(run.info.run_id)
             print(f"{run.info.run_id}  {name}  {run.info.status}{'  deleted' if args.delete else ''}")
     verb = "deleted (restore one with `mlflow runs restore --run-id ID`)" if args.delete else "found"
     whose = "any account's" if account is None else f"account {account!r}'s"

@@ -28,18 +28,21 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from mnist_pipeline.errors import PipelineError, run_stage
+from mnist_pipeline.errors import PipelineError, first_line, run_stage, text_lines
+from tools.local_server import answers, wait_until_ready
 
 DB_USER = "mlflow"
 DATABASES = ("mlflow", "mlflow_auth")  # runs and models; the auth app's users and permissions
 # Every account reads everything; add-user grants logging runs (EDIT on the experiment) and, for some, registering
 # model versions and moving the champion alias (EDIT on the registered model): the served model's code is theirs.
 DEFAULT_PERMISSION = "READ"
+# MLflow checks each request's password with PBKDF2 (tens of milliseconds): a record's few dozen requests paid
+# it every time. A verified login is cached for this long instead; the price, as MLflow's basic_auth.ini says: a
+# password changed or an account deleted through one worker may still work on the others until it expires.
+AUTH_CACHE_TTL_S = 60
 SYSTEM_USER = "postgres"  # PostgreSQL refuses to run as root; Debian's package creates this user; mlflow runs as it too
 
 
@@ -108,7 +111,7 @@ class TeamServer:
     def pg_run(self, command: list[str], what: str) -> None:
         result = subprocess.run(self.as_db_owner(command), capture_output=True, text=True)
         if result.returncode != 0:
-            lines = (result.stderr or result.stdout).strip().splitlines() or ["(no output)"]
+            lines = text_lines(result.stderr or result.stdout) or ["(no output)"]
             raise PipelineError(f"team server {self.data}: {what} failed: {lines[-1]}")
 
     def init_db(self) -> None:
@@ -224,13 +227,10 @@ class TeamServer:
                                        start_new_session=True, cwd=self.data)
         self.write_pid(self.mlflow_pid, process.pid)
         url = self.url(settings)
-        deadline = time.monotonic() + 180
-        while not answers(f"{url}/health"):
-            if process.poll() is not None or time.monotonic() > deadline:
-                self.stop_mlflow()
-                raise PipelineError(f"team server {self.data}: mlflow server did not start on {url}: "
-                                    f"{last_error(self.mlflow_log)} (whole log: {self.mlflow_log})")
-            time.sleep(0.5)
+        if not wait_until_ready(f"{url}/health", process, 180):
+            self.stop_mlflow()
+            raise PipelineError(f"team server {self.data}: mlflow server did not start on {url}: "
+                                f"{last_error(self.mlflow_log)} (whole log: {self.mlflow_log})")
         if admin:  # the admin account exists now: its password need not stay on disk
             self.write_auth_ini(settings, None)
 
@@ -242,6 +242,7 @@ class TeamServer:
             "admin_username = admin\n"
             + (f"admin_password = {admin_password}\n" if admin_password else "")
             + "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            f"auth_cache_ttl_seconds = {AUTH_CACHE_TTL_S}\n"
         ))
 
     def stop_mlflow(self) -> None:
@@ -318,8 +319,8 @@ class TeamServer:
             auth.grant_user_permission(name, "experiment", experiment_id, "EDIT")
             auth.grant_user_permission(name, "registered_model", model, "EDIT" if can_register else "READ")
         except (MlflowException, OSError) as err:
-            lines = str(err).strip().splitlines() or [type(err).__name__]
-            raise PipelineError(f"team server {url}: adding {name!r} failed: {lines[0]} (run it with the admin's "
+            why = first_line(str(err)) or type(err).__name__
+            raise PipelineError(f"team server {url}: adding {name!r} failed: {why} (run it with the admin's "
                                 "login in MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD)") from None
         may = f"log runs into {experiment!r}" + (f", register and crown versions of {model!r}" if can_register else "")
         return f"team server {url}: account {name!r} added; it may {may}"
@@ -354,14 +355,6 @@ def pg_bin(name: str) -> str:
     return str(found)
 
 
-def answers(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status == 200
-    except (OSError, ValueError):
-        return False
-
-
 def stop_group(pid: int, timeout: float = 30) -> None:
     """SIGTERM the process group `pid` leads (mlflow server and its workers), SIGKILL if it lingers."""
     try:
@@ -379,7 +372,7 @@ def stop_group(pid: int, timeout: float = 30) -> None:
 
 
 def last_error(log: Path) -> str:
-    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    lines = text_lines(log.read_text(errors="replace"))
     return lines[-1] if lines else "no output"
 
 
