@@ -103,7 +103,8 @@ def gone_runs(experiment_id: str, experiments: set[tuple[str, str]], min_age_s: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m tools.gone_runs", description=__doc__,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--delete", action="store_true",
                         help="delete them as MLflow does (restorable: `mlflow runs restore --run-id ID`)")
     parser.add_argument("--min-age", type=float, default=120, metavar="SECONDS",

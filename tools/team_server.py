@@ -377,7 +377,8 @@ def last_error(log: Path) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m tools.team_server", description=__doc__,
+                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=("start", "stop", "status", "add-user"))
     parser.add_argument("name", nargs="?", help="add-user: the new account (its password is read from stdin)")
     parser.add_argument("--data", type=Path, required=True, help="the folder that holds the database and artifacts")
