@@ -309,11 +309,12 @@ class TeamServer:
         try:
             found = client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found else client.create_experiment(experiment, tags=EXPERIMENT_KIND)
-            try:
-                client.create_registered_model(model)
+            try:  # looked up first: creating a name that exists fails in PostgreSQL, which logs it as an error
+                client.get_registered_model(model)
             except MlflowException as err:
-                if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
                     raise
+                client.create_registered_model(model)
             auth = get_app_client("basic-auth", tracking_uri=url)
             auth.create_user(name, password)
             auth.grant_user_permission(name, "experiment", experiment_id, "EDIT")
