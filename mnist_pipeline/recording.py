@@ -90,17 +90,7 @@ def register(name: str, info: mlflow.models.model.ModelInfo, tags: dict[str, str
     not register (a team server grants it per account: see team_server add-user --can-register)."""
     client = mlflow.MlflowClient()
     try:
-        # Looked up first: creating a name that exists fails in the database, which logs it as a constraint error.
-        try:
-            client.get_registered_model(name)
-        except MlflowException as err:
-            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            try:
-                client.create_registered_model(name)
-            except MlflowException as race:  # another record created it since the lookup
-                if race.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-                    raise
+        tracking.ensure_registered_model(client, name)
         version = client.create_model_version(name, f"models:/{info.model_id}",
                                               run_id=info.run_id, tags=tags, model_id=info.model_id)
     except MlflowException as err:

@@ -97,6 +97,21 @@ def _get_or_create_experiment(name: str, artifact_location: str | None) -> str:
     return found.experiment_id
 
 
+def ensure_registered_model(client: mlflow.MlflowClient, name: str) -> None:
+    """Create the registered model `name` unless it exists: looked up first, since creating a name that exists
+    fails in the database, which logs it as a constraint error (PostgreSQL on a team server)."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        try:
+            client.create_registered_model(name)
+        except MlflowException as race:  # another process created it since the lookup
+            if race.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+
+
 @contextmanager
 def tracked_run(**start: object) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run that always ends: FINISHED, FAILED on an error, KILLED on Ctrl+C or SIGTERM."""

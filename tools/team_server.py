@@ -301,7 +301,7 @@ class TeamServer:
         from mlflow.exceptions import MlflowException
         from mlflow.server import get_app_client
 
-        from mnist_pipeline.tracking import EXPERIMENT_KIND
+        from mnist_pipeline.tracking import EXPERIMENT_KIND, ensure_registered_model
 
         url = self.url(settings)
         mlflow.set_tracking_uri(url)
@@ -309,12 +309,7 @@ class TeamServer:
         try:
             found = client.get_experiment_by_name(experiment)
             experiment_id = found.experiment_id if found else client.create_experiment(experiment, tags=EXPERIMENT_KIND)
-            try:  # looked up first: creating a name that exists fails in PostgreSQL, which logs it as an error
-                client.get_registered_model(model)
-            except MlflowException as err:
-                if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-                    raise
-                client.create_registered_model(model)
+            ensure_registered_model(client, model)
             auth = get_app_client("basic-auth", tracking_uri=url)
             auth.create_user(name, password)
             auth.grant_user_permission(name, "experiment", experiment_id, "EDIT")
