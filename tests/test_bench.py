@@ -46,7 +46,8 @@ def test_the_benchmark_reads_the_loop_time_from_what_the_train_stage_prints(
     elapsed = time.perf_counter() - start
     out = capsys.readouterr().out
     found = [float(match.group(1)) for line in out.splitlines() if (match := LOOP_DONE.search(line))]
-    assert len(found) == 1 and 0 < found[0] <= elapsed, found
+    # The stage prints the loop's seconds to one decimal: a loop of 0.096 s prints 0.1.
+    assert len(found) == 1 and 0 < found[0] <= elapsed + 0.05, (found, elapsed)
 
 
 def test_stage_seconds_splits_a_repro_at_its_stage_lines() -> None:

@@ -37,6 +37,7 @@ def model_bytes(work: Path, process: subprocess.Popen[str]) -> tuple[str, str]:
     return hashlib.sha256((work / pipeline_commands()["train"][2]).read_bytes()).hexdigest(), stderr
 
 
+@pytest.mark.slow  # two trainings in processes of their own
 @needs_pinnable_cpu
 def test_the_pins_decide_the_bytes_not_the_callers_environment(built_pipeline: Path, tmp_path: Path) -> None:
     # The pinned bytes: the tiny pipeline's model, trained in the test process, which imported the stages (and so

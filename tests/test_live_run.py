@@ -44,6 +44,7 @@ def train_long(root: Path) -> None:
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
+@pytest.mark.slow  # two trainings in processes of their own
 def test_a_running_training_shows_its_curves_and_a_killed_or_stopped_one_where_it_stopped(
     pipeline: Path, built_pipeline: Path, tmp_path: Path
 ) -> None:

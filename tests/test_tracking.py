@@ -46,6 +46,7 @@ def runs(root: Path) -> list[mlflow.entities.Run]:
     return mlflow.search_runs([experiment.experiment_id], output_format="list")
 
 
+@pytest.mark.slow  # processes of their own that import MLflow
 def test_two_processes_write_one_new_store_at_once(tmp_path: Path) -> None:
     writers = [python(WRITER.replace("{name}", name), tmp_path, DVC_ROOT=str(tmp_path)) for name in "xy"]
     for writer in writers:
@@ -69,6 +70,7 @@ HOLDER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # waits out a 6 s hold of the store
 def test_a_write_waits_while_another_process_holds_the_store(workdir: Path) -> None:
     """SQLite's busy timeout, no retries: MLflow's sessions wait up to 20 s for the store, past pysqlite's 5 s."""
     store = resolve_store()
@@ -118,6 +120,7 @@ def test_run_ends_failed_or_killed(workdir: Path, error: BaseException, status: 
     assert mlflow.active_run() is None
 
 
+@pytest.mark.slow  # processes of their own that import MLflow
 def test_sigterm_ends_the_run_as_killed(tmp_path: Path) -> None:
     code = textwrap.dedent("""
         import time
