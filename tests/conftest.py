@@ -361,6 +361,7 @@ def serving(command: list[str], port: int, ready_path: str, cwd: Path, env: dict
         except subprocess.TimeoutExpired:
             process.kill()
         log.close()
+        log_path.unlink()
 
 
 def get_json(url: str, body: dict | None = None) -> dict:
