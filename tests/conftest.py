@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
 
@@ -25,6 +25,11 @@ import numpy as np
 import pytest
 import yaml
 from filelock import FileLock, Timeout
+
+# The suite runs on every core (`-n auto`), so trainings share the CPU. OpenMP threads that spin while they wait
+# then slow a pair of 2-thread trainings tenfold (60 s each instead of 6, measured on 2 cores); PASSIVE makes them
+# sleep instead and changes no arithmetic. Set before torch loads OpenMP, here and in every process the tests start.
+os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import stages  # noqa: F401  first of the project: the CPU kernel pins are set before torch loads, as in every stage
 from mnist_pipeline import cpu_kernels, sources
@@ -44,6 +49,12 @@ UNPINNABLE = cpu_kernels.this_cpu_unpinnable()
 needs_pinnable_cpu = pytest.mark.skipif(UNPINNABLE is not None, reason=f"{UNPINNABLE}: the pinned kernels cannot run")
 # How long a test process waits for another to fill the real MNIST cache: the download stage's sources, 4 files.
 MNIST_LOCK_TIMEOUT_S = 600
+# How long a test worker waits for another to build a session's shared folder (`built_once`): the real baseline's
+# `dvc repro` while the other worker trains too.
+BUILD_LOCK_TIMEOUT_S = 900
+# The longest modules first: `pytest -n` hands out one module at a time, longest first, so no worker is left alone
+# with one of them at the end (pyproject.toml turns off pytest-xdist's own order, by number of tests).
+LONGEST_MODULES = ("test_team.py", "test_experiments.py", "test_one_run.py", "test_distributed.py", "test_e2e.py")
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -185,14 +196,35 @@ def copy_workdir(src: Path, dest: Path) -> Path:
     return dest
 
 
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]) -> Path:
+    """What `build` makes in a fresh folder `name`, once per test session: the workers of `pytest -n` (pytest-xdist)
+    share the first build through a file lock in the session's temporary folder, which holds each worker's own."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent
+    folder, built = base / name, base / f"{name}.built"
+    try:
+        with FileLock(base / f"{name}.lock", timeout=BUILD_LOCK_TIMEOUT_S):
+            if not built.exists():
+                shutil.rmtree(folder, ignore_errors=True)  # a build that failed in another worker
+                folder.mkdir()
+                built.write_text(str(build(folder)))
+    except Timeout:
+        pytest.fail(f"{name}: another test worker has been building it for {BUILD_LOCK_TIMEOUT_S} s", pytrace=False)
+    return Path(built.read_text())
+
+
 @pytest.fixture(scope="session")
 def built_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A working folder where the whole pipeline ran once on the tiny data; tests take copies (`pipeline`)."""
-    root = tmp_path_factory.mktemp("built")
-    with pytest.MonkeyPatch.context() as patch:
-        work = make_workdir(root / "work", patch)
-        run_pipeline(root / "tiny", write_tiny(root / "tiny"), patch)
-    return work
+
+    def build(root: Path) -> Path:
+        with pytest.MonkeyPatch.context() as patch:
+            work = make_workdir(root / "work", patch)
+            run_pipeline(root / "tiny", write_tiny(root / "tiny"), patch)
+        return work
+
+    return built_once(tmp_path_factory, "built", build)
 
 
 @pytest.fixture
@@ -303,14 +335,18 @@ def one_epoch_params() -> dict:
 def real_baseline(tmp_path_factory: pytest.TempPathFactory, real_mnist: Path) -> Path:
     """A clone whose one-epoch params are committed, reproduced on the real data and committed as a user would:
     the slow modules' baseline, built once per session; each takes copies of it (`copy_workdir`)."""
-    root = copy_project(tmp_path_factory.mktemp("real-baseline") / "repo")
-    (root / "params.yaml").write_text(yaml.safe_dump(one_epoch_params(), sort_keys=False))
-    env = project_env()
-    subprocess.run(["git", "commit", "-qam", "one epoch"], cwd=root, check=True, env=env)
-    dvc(root, "repro", MNIST_MIRROR=str(real_mnist))
-    subprocess.run(["git", "add", "-A"], cwd=root, check=True, env=env)
-    subprocess.run(["git", "commit", "-qm", "baseline results"], cwd=root, check=True, env=env)
-    return root
+
+    def build(folder: Path) -> Path:
+        root = copy_project(folder / "repo")
+        (root / "params.yaml").write_text(yaml.safe_dump(one_epoch_params(), sort_keys=False))
+        env = project_env()
+        subprocess.run(["git", "commit", "-qam", "one epoch"], cwd=root, check=True, env=env)
+        dvc(root, "repro", MNIST_MIRROR=str(real_mnist))
+        subprocess.run(["git", "add", "-A"], cwd=root, check=True, env=env)
+        subprocess.run(["git", "commit", "-qm", "baseline results"], cwd=root, check=True, env=env)
+        return root
+
+    return built_once(tmp_path_factory, "real-baseline", build)
 
 
 @contextmanager
@@ -370,3 +406,8 @@ def get_json(url: str, body: dict | None = None) -> dict:
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
         return json.load(response)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
