@@ -45,6 +45,13 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def deterministic_kernels() -> None:
+    """Deterministic kernels only (an error where an op has none): torch.use_deterministic_algorithms(True), minus its
+    import of the compiler (torch._inductor) to set the compiler's own flag, about 2 s of every stage's start. The
+    pipeline never compiles; torch is pinned in the lock, so the private switch it calls stays where it is."""
+    torch._C._set_deterministic_algorithms(True)
+
+
 def make_deterministic(seed: int, num_threads: int) -> None:
     """Fix every source of run-to-run variation: the seed, the thread count, the kernels."""
     # Deterministic cuBLAS needs a fixed workspace, set before its first call: without it, every nn.Linear on CUDA
@@ -52,7 +59,7 @@ def make_deterministic(seed: int, num_threads: int) -> None:
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.manual_seed(seed)
     torch.set_num_threads(num_threads)
-    torch.use_deterministic_algorithms(True)
+    deterministic_kernels()
     torch.backends.cudnn.benchmark = False
 
 

@@ -16,7 +16,7 @@ from mnist_pipeline.losses import manual_cross_entropy, multiclass_svm_loss
 from mnist_pipeline.model import Net
 from mnist_pipeline.params import load_params
 from mnist_pipeline.reports import write_metrics, write_predictions
-from mnist_pipeline.training import load_state_dict, predict
+from mnist_pipeline.training import deterministic_kernels, load_state_dict, predict
 from stages import say_kernel_notes
 
 CE_TOLERANCE = 1e-5
@@ -51,7 +51,7 @@ def main() -> None:
     params = load_params()
     say_kernel_notes("evaluate")
     torch.set_num_threads(params.train.num_threads)
-    torch.use_deterministic_algorithms(True)
+    deterministic_kernels()
     images, labels = load_mnist(args.raw, "t10k")
     model = Net()
     load_state_dict(args.model, model)
