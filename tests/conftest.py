@@ -370,12 +370,21 @@ def queue_workers(clone: Path, jobs: int, log: Path, **env: str) -> Iterator[Non
                 os.kill(pid, signal.SIGTERM)
 
 
-def wait_for_queue(clone: Path, timeout_s: float, **env: str) -> str:
-    """Poll `dvc queue status` until nothing is queued or running; its last output."""
+def queue_done(status: str) -> bool:
+    """Whether `dvc queue status` says nothing is queued or running."""
+    return "Queued" not in status and "Running" not in status
+
+
+def wait_for_queue(clone: Path, timeout_s: float, until: Callable[[str], bool] = queue_done, every_s: float = 10,
+                   **env: str) -> str:
+    """Poll `dvc queue status` every `every_s` seconds until `until` holds for its output; that output.
+
+    Each poll is a DVC start, about a second of CPU taken from the trainings it waits for: a long wait polls seldom.
+    """
     deadline = time.monotonic() + timeout_s
-    while any(word in (status := dvc(clone, "queue", "status", **env).stdout) for word in ("Queued", "Running")):
+    while not until(status := dvc(clone, "queue", "status", **env).stdout):
         assert time.monotonic() < deadline, status
-        time.sleep(3)
+        time.sleep(every_s)
     return status
 
 

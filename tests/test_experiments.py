@@ -273,11 +273,9 @@ def test_bad_params_through_dvc_repro_change_nothing(repo: Path) -> None:
 def test_a_killed_queued_experiment_stops_the_worker_and_the_readme_goes_on(repo: Path) -> None:
     dvc(repo, "exp", "run", "--queue", "-S", "train.lr=0.0021,0.0022")  # one killed, one left to run
     with queue_workers(repo, 1, repo.parent / "queue-start.log"):
-        deadline = time.monotonic() + 300
-        while "Running" not in (status := dvc(repo, "queue", "status").stdout):
-            assert time.monotonic() < deadline, status
-            time.sleep(1)
+        status = wait_for_queue(repo, 300, until=lambda status: "Running" in status, every_s=1)
         killed = next(line.split()[1] for line in status.splitlines() if "Running" in line)
+        deadline = time.monotonic() + 300
         while "Iteration 100 statistics" not in dvc(repo, "queue", "logs", killed).stdout:  # training, as in the issue
             assert time.monotonic() < deadline
             time.sleep(1)
@@ -285,11 +283,10 @@ def test_a_killed_queued_experiment_stops_the_worker_and_the_readme_goes_on(repo
         # What the docs say happens: the worker stops (no worker process is left to pick anything up later), the
         # rest wait for one, and the killed row shows the baseline's metrics. DVC may report the worker gone a moment
         # before it marks the killed task, so wait for both.
-        while ("Worker status: 0 active, 0 idle" not in (status := dvc(repo, "queue", "status").stdout)
-               or "Running" in status):
-            assert time.monotonic() < deadline, status
-            time.sleep(1)
-        assert status.count("Queued") == 1 and "Running" not in status, status
+        status = wait_for_queue(repo, 300, every_s=1,
+                                until=lambda status: "Worker status: 0 active, 0 idle" in status
+                                and "Running" not in status)
+        assert status.count("Queued") == 1, status
         rows = exp_table(repo)
         assert rows[killed]["State"] == "Failed" and rows[killed]["train.lr"] == "0.0021"
         assert rows[killed]["test.accuracy"] == rows["master"]["test.accuracy"]

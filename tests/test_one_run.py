@@ -80,26 +80,6 @@ def test_the_baseline_run_is_complete_and_clean(repo: Path) -> None:
     assert mlflow.MlflowClient().get_model_version(name, version).run_id == run.info.run_id
 
 
-def test_a_plot_only_experiment_is_its_own_run_and_leaves_the_trained_one_alone(repo: Path) -> None:
-    dvc(repo, "exp", "run", "-n", "a", "-S", "train.lr=0.002")
-    (a,) = runs(repo, "a")
-    a_files = artifact_bytes(repo, a)
-    out = dvc(repo, "exp", "run", "-n", "b", "-S", "plot.n_images=9").stdout
-    for stage in ("train", "evaluate"):
-        assert f"Stage '{stage}' didn't change, skipping" in out
-    assert "Running stage 'plot'" in out and "Running stage 'record'" in out
-
-    (a_after,) = runs(repo, "a")
-    (b,) = runs(repo, "b")
-    assert (a_after.info.status, a_after.data.params, a_after.data.tags) == (a.info.status, a.data.params, a.data.tags)
-    assert artifact_bytes(repo, a_after) == a_files  # a's figures were not rewritten
-    assert b.data.params["plot.n_images"] == "9" and a.data.params["plot.n_images"] == "25"
-    assert b.data.params["train.lr"] == a.data.params["train.lr"] == "0.002"
-    assert b.data.tags["model.run_id"] == a.info.run_id and b.data.tags["model.version"] == a.data.tags["model.version"]
-    assert artifact_bytes(repo, b)["figures/predictions.png"] != a_files["figures/predictions.png"]
-    assert b.data.metrics["test.accuracy"] == a.data.metrics["test.accuracy"]
-
-
 def test_every_listed_experiment_has_a_run_found_by_dvc_metric_names_and_gone_ones_are_deleted_restorably(
     repo: Path
 ) -> None:
@@ -140,7 +120,9 @@ def test_every_listed_experiment_has_a_run_found_by_dvc_metric_names_and_gone_on
     assert runs(repo, "to-remove")
 
 
-def test_mlflow_shows_an_experiment_running_with_its_curves_then_one_complete_run(repo: Path) -> None:
+def test_mlflow_shows_an_experiment_running_with_its_curves_then_one_run_and_a_plot_only_one_is_its_own(
+    repo: Path
+) -> None:
     port = free_port()
     ui = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
           "--backend-store-uri", f"sqlite:///{repo / 'mlflow.db'}"]
@@ -167,12 +149,28 @@ def test_mlflow_shows_an_experiment_running_with_its_curves_then_one_complete_ru
         finally:
             process.kill()
         assert process.returncode == 0, out
-    (run,) = runs(repo, "curves")  # the same run, completed: curves, test metrics, figures, model
-    assert run.info.run_id == run_id and run.info.status == "FINISHED" and "test.accuracy" in run.data.metrics
+    (a,) = runs(repo, "curves")  # the same run, completed: curves, test metrics, figures, model
+    assert a.info.run_id == run_id and a.info.status == "FINISHED" and "test.accuracy" in a.data.metrics
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_acc")]
     assert steps == [*range(20, 165, 20), 165]  # each report once: 42,000 / 256 -> 165 iterations
-    assert run.data.tags["model.version"].startswith("mnist-cnn/")
+    assert a.data.tags["model.version"].startswith("mnist-cnn/")
+
+    # A plot-only experiment on top of it: a run of its own, pointing at the trained one's model, which it leaves be.
+    a_files = artifact_bytes(repo, a)
+    out = dvc(repo, "exp", "run", "-n", "b", "-S", "plot.n_images=9").stdout
+    for stage in ("train", "evaluate"):
+        assert f"Stage '{stage}' didn't change, skipping" in out
+    assert "Running stage 'plot'" in out and "Running stage 'record'" in out
+    (a_after,) = runs(repo, "curves")
+    (b,) = runs(repo, "b")
+    assert (a_after.info.status, a_after.data.params, a_after.data.tags) == (a.info.status, a.data.params, a.data.tags)
+    assert artifact_bytes(repo, a_after) == a_files  # a's figures were not rewritten
+    assert b.data.params["plot.n_images"] == "9" and a.data.params["plot.n_images"] == "25"
+    assert b.data.params["train.log_every"] == a.data.params["train.log_every"] == "20"
+    assert b.data.tags["model.run_id"] == a.info.run_id and b.data.tags["model.version"] == a.data.tags["model.version"]
+    assert artifact_bytes(repo, b)["figures/predictions.png"] != a_files["figures/predictions.png"]
+    assert b.data.metrics["test.accuracy"] == a.data.metrics["test.accuracy"]
 
 
 def test_a_corrupt_store_stops_dvc_exp_run_before_training(repo: Path) -> None:
