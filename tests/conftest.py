@@ -52,9 +52,11 @@ MNIST_LOCK_TIMEOUT_S = 600
 # How long a test worker waits for another to build a session's shared folder (`built_once`): the real baseline's
 # `dvc repro` while the other worker trains too.
 BUILD_LOCK_TIMEOUT_S = 900
-# The longest modules first: `pytest -n` hands out one module at a time, longest first, so no worker is left alone
-# with one of them at the end (pyproject.toml turns off pytest-xdist's own order, by number of tests).
-LONGEST_MODULES = ("test_team.py", "test_experiments.py", "test_one_run.py", "test_distributed.py", "test_e2e.py")
+# The order `pytest -n` hands modules out in, one at a time (pyproject.toml turns off pytest-xdist's own order, by
+# number of tests): the longest first, so no worker is left alone with one of them at the end, but for two that
+# need no real data second and third, which the next worker runs while the first builds `real_baseline`.
+MODULE_ORDER = ("test_team.py", "test_tracking.py", "test_stages.py", "test_experiments.py", "test_one_run.py",
+                "test_distributed.py", "test_e2e.py")
 
 
 def idx_bytes(array: np.ndarray) -> bytes:
@@ -418,5 +420,5 @@ def get_json(url: str, body: dict | None = None) -> dict:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(LONGEST_MODULES)}
+    rank = {name: i for i, name in enumerate(MODULE_ORDER)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
