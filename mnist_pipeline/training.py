@@ -47,8 +47,9 @@ def select_device(name: str) -> torch.device:
 
 def deterministic_kernels() -> None:
     """Deterministic kernels only (an error where an op has none): torch.use_deterministic_algorithms(True), minus its
-    import of the compiler (torch._inductor) to set the compiler's own flag, about 2 s of every stage's start. The
-    pipeline never compiles; torch is pinned in the lock, so the private switch it calls stays where it is."""
+    import of the compiler (torch._inductor) to set the compiler's own flag, about 2 s of evaluate's start (train
+    imports it anyway, through the optimizer). The pipeline never compiles; torch is pinned in the lock, so the
+    private switch it calls stays where it is."""
     torch._C._set_deterministic_algorithms(True)
 
 

@@ -27,13 +27,14 @@ import yaml
 from filelock import FileLock, Timeout
 
 # The suite runs on every core (`-n auto`), so trainings share the CPU. OpenMP threads that spin while they wait
-# then slow a pair of 2-thread trainings tenfold (60 s each instead of 6, measured on 2 cores); PASSIVE makes them
+# then slow a pair of 2-thread trainings sevenfold (60 s each instead of 8, measured on 2 cores); PASSIVE makes them
 # sleep instead and changes no arithmetic. Set before torch loads OpenMP, here and in every process the tests start.
 os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
 import stages  # noqa: F401  first of the project: the CPU kernel pins are set before torch loads, as in every stage
 from mnist_pipeline import cpu_kernels, sources
 from mnist_pipeline.data import MNIST_FILES, MnistFile
+from mnist_pipeline.errors import first_line
 from mnist_pipeline.params import load_params
 from tools.local_server import free_port, wait_until_ready  # noqa: F401  the tests import free_port from here
 from tools.stage_commands import stage_commands
@@ -52,9 +53,10 @@ MNIST_LOCK_TIMEOUT_S = 600
 # How long a test worker waits for another to build a session's shared folder (`built_once`): the real baseline's
 # `dvc repro` while the other worker trains too.
 BUILD_LOCK_TIMEOUT_S = 900
-# The order `pytest -n` hands modules out in, one at a time (pyproject.toml turns off pytest-xdist's own order, by
-# number of tests): the longest first, so no worker is left alone with one of them at the end, but for two that
-# need no real data second and third, which the next worker runs while the first builds `real_baseline`.
+# The order in which `pytest -n` hands out modules (pyproject.toml turns off pytest-xdist's own order, by number of
+# tests); a module stays on one worker. The ones that take minutes go first, so no worker is left alone with one at
+# the end, but for two that need no real data, second and third: the next worker runs them while the first builds
+# `real_baseline`.
 MODULE_ORDER = ("test_team.py", "test_tracking.py", "test_stages.py", "test_experiments.py", "test_one_run.py",
                 "test_distributed.py", "test_e2e.py")
 
@@ -198,26 +200,37 @@ def copy_workdir(src: Path, dest: Path) -> Path:
     return dest
 
 
-def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], Path]) -> Path:
+def built_once(tmp_path_factory: pytest.TempPathFactory, worker_id: str, name: str,
+               build: Callable[[Path], Path]) -> Path:
     """What `build` makes in a fresh folder `name`, once per test session: the workers of `pytest -n` (pytest-xdist)
-    share the first build through a file lock in the session's temporary folder, which holds each worker's own."""
+    share the first build through a file lock in the session's temporary folder, which holds each worker's own.
+    A build that fails fails every test that needs it, in every worker, once."""
     base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if worker_id != "master":  # pytest-xdist's name for this process: a worker's folder is in the session's
         base = base.parent
-    folder, built = base / name, base / f"{name}.built"
+    folder, marker, failed = base / name, base / f"{name}.built", base / f"{name}.failed"
+    lock = FileLock(base / f"{name}.lock", timeout=BUILD_LOCK_TIMEOUT_S)
     try:
-        with FileLock(base / f"{name}.lock", timeout=BUILD_LOCK_TIMEOUT_S):
-            if not built.exists():
-                shutil.rmtree(folder, ignore_errors=True)  # a build that failed in another worker
-                folder.mkdir()
-                built.write_text(str(build(folder)))
+        lock.acquire()
     except Timeout:
         pytest.fail(f"{name}: another test worker has been building it for {BUILD_LOCK_TIMEOUT_S} s", pytrace=False)
-    return Path(built.read_text())
+    try:
+        if failed.exists():
+            pytest.fail(f"{name}: its build failed in another test worker: {failed.read_text()}", pytrace=False)
+        if not marker.exists():
+            folder.mkdir()
+            try:
+                marker.write_text(str(build(folder)))
+            except BaseException as err:
+                failed.write_text(f"{type(err).__name__}: {first_line(str(err))}")
+                raise
+    finally:
+        lock.release()
+    return Path(marker.read_text())
 
 
 @pytest.fixture(scope="session")
-def built_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def built_pipeline(tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
     """A working folder where the whole pipeline ran once on the tiny data; tests take copies (`pipeline`)."""
 
     def build(root: Path) -> Path:
@@ -226,7 +239,7 @@ def built_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
             run_pipeline(root / "tiny", write_tiny(root / "tiny"), patch)
         return work
 
-    return built_once(tmp_path_factory, "built", build)
+    return built_once(tmp_path_factory, worker_id, "tiny-pipeline", build)
 
 
 @pytest.fixture
@@ -334,7 +347,7 @@ def one_epoch_params() -> dict:
 
 
 @pytest.fixture(scope="session")
-def real_baseline(tmp_path_factory: pytest.TempPathFactory, real_mnist: Path) -> Path:
+def real_baseline(tmp_path_factory: pytest.TempPathFactory, worker_id: str, real_mnist: Path) -> Path:
     """A clone whose one-epoch params are committed, reproduced on the real data and committed as a user would:
     the slow modules' baseline, built once per session; each takes copies of it (`copy_workdir`)."""
 
@@ -348,7 +361,7 @@ def real_baseline(tmp_path_factory: pytest.TempPathFactory, real_mnist: Path) ->
         subprocess.run(["git", "commit", "-qm", "baseline results"], cwd=root, check=True, env=env)
         return root
 
-    return built_once(tmp_path_factory, "real-baseline", build)
+    return built_once(tmp_path_factory, worker_id, "real-baseline", build)
 
 
 @contextmanager
@@ -422,3 +435,9 @@ def get_json(url: str, body: dict | None = None) -> dict:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(MODULE_ORDER)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """`-n auto`: one worker per CPU this process may run on (pytest-xdist counts the machine's physical cores,
+    which in a container limited to 2 CPUs of a large host would start dozens)."""
+    return len(os.sched_getaffinity(0))

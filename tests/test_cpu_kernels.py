@@ -40,7 +40,7 @@ def model_bytes(work: Path, process: subprocess.Popen[str]) -> tuple[str, str]:
 @pytest.mark.slow  # two trainings in processes of their own
 @needs_pinnable_cpu
 def test_the_pins_decide_the_bytes_not_the_callers_environment(built_pipeline: Path, tmp_path: Path) -> None:
-    # The pinned bytes: the tiny pipeline's model, trained in the test process, which imported the stages (and so
+    # The pinned bytes: the tiny pipeline's model, trained in a test process, which imported the stages (and so
     # set the pins) before torch. Two trainings at once, each in its own copy of the tiny pipeline, retrain it.
     pinned = hashlib.sha256((built_pipeline / pipeline_commands()["train"][2]).read_bytes()).hexdigest()
     cases = {"asked": (True, OTHER_KERNELS), "unpinned": (False, OTHER_KERNELS)}

@@ -273,9 +273,9 @@ def test_bad_params_through_dvc_repro_change_nothing(repo: Path) -> None:
 def test_a_killed_queued_experiment_stops_the_worker_and_the_readme_goes_on(repo: Path) -> None:
     dvc(repo, "exp", "run", "--queue", "-S", "train.lr=0.0021,0.0022")  # one killed, one left to run
     with queue_workers(repo, 1, repo.parent / "queue-start.log"):
-        status = wait_for_queue(repo, 300, until=lambda status: "Running" in status, every_s=1)
-        killed = next(line.split()[1] for line in status.splitlines() if "Running" in line)
         deadline = time.monotonic() + 300
+        status = wait_for_queue(repo, 300, until=lambda out: "Running" in out, every_s=1)
+        killed = next(line.split()[1] for line in status.splitlines() if "Running" in line)
         while "Iteration 100 statistics" not in dvc(repo, "queue", "logs", killed).stdout:  # training, as in the issue
             assert time.monotonic() < deadline
             time.sleep(1)
@@ -283,9 +283,8 @@ def test_a_killed_queued_experiment_stops_the_worker_and_the_readme_goes_on(repo
         # What the docs say happens: the worker stops (no worker process is left to pick anything up later), the
         # rest wait for one, and the killed row shows the baseline's metrics. DVC may report the worker gone a moment
         # before it marks the killed task, so wait for both.
-        status = wait_for_queue(repo, 300, every_s=1,
-                                until=lambda status: "Worker status: 0 active, 0 idle" in status
-                                and "Running" not in status)
+        status = wait_for_queue(repo, deadline - time.monotonic(), every_s=1,
+                                until=lambda out: "Worker status: 0 active, 0 idle" in out and "Running" not in out)
         assert status.count("Queued") == 1, status
         rows = exp_table(repo)
         assert rows[killed]["State"] == "Failed" and rows[killed]["train.lr"] == "0.0021"

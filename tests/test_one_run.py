@@ -149,28 +149,31 @@ def test_mlflow_shows_an_experiment_running_with_its_curves_then_one_run_and_a_p
         finally:
             process.kill()
         assert process.returncode == 0, out
-    (a,) = runs(repo, "curves")  # the same run, completed: curves, test metrics, figures, model
-    assert a.info.run_id == run_id and a.info.status == "FINISHED" and "test.accuracy" in a.data.metrics
+    (curves,) = runs(repo, "curves")  # the same run, completed: curves, test metrics, figures, model
+    assert curves.info.run_id == run_id and curves.info.status == "FINISHED"
+    assert "test.accuracy" in curves.data.metrics
     mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
     steps = [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, "val_acc")]
     assert steps == [*range(20, 165, 20), 165]  # each report once: 42,000 / 256 -> 165 iterations
-    assert a.data.tags["model.version"].startswith("mnist-cnn/")
+    assert curves.data.tags["model.version"].startswith("mnist-cnn/")
 
     # A plot-only experiment on top of it: a run of its own, pointing at the trained one's model, which it leaves be.
-    a_files = artifact_bytes(repo, a)
-    out = dvc(repo, "exp", "run", "-n", "b", "-S", "plot.n_images=9").stdout
+    curves_files = artifact_bytes(repo, curves)
+    out = dvc(repo, "exp", "run", "-n", "plot-only", "-S", "plot.n_images=9").stdout
     for stage in ("train", "evaluate"):
         assert f"Stage '{stage}' didn't change, skipping" in out
     assert "Running stage 'plot'" in out and "Running stage 'record'" in out
-    (a_after,) = runs(repo, "curves")
-    (b,) = runs(repo, "b")
-    assert (a_after.info.status, a_after.data.params, a_after.data.tags) == (a.info.status, a.data.params, a.data.tags)
-    assert artifact_bytes(repo, a_after) == a_files  # a's figures were not rewritten
-    assert b.data.params["plot.n_images"] == "9" and a.data.params["plot.n_images"] == "25"
-    assert b.data.params["train.log_every"] == a.data.params["train.log_every"] == "20"
-    assert b.data.tags["model.run_id"] == a.info.run_id and b.data.tags["model.version"] == a.data.tags["model.version"]
-    assert artifact_bytes(repo, b)["figures/predictions.png"] != a_files["figures/predictions.png"]
-    assert b.data.metrics["test.accuracy"] == a.data.metrics["test.accuracy"]
+    (curves_after,) = runs(repo, "curves")
+    (plot_only,) = runs(repo, "plot-only")
+    assert ((curves_after.info.status, curves_after.data.params, curves_after.data.tags)
+            == (curves.info.status, curves.data.params, curves.data.tags))
+    assert artifact_bytes(repo, curves_after) == curves_files  # its figures were not rewritten
+    assert plot_only.data.params["plot.n_images"] == "9" and curves.data.params["plot.n_images"] == "25"
+    assert plot_only.data.params["train.log_every"] == curves.data.params["train.log_every"] == "20"
+    assert plot_only.data.tags["model.run_id"] == curves.info.run_id
+    assert plot_only.data.tags["model.version"] == curves.data.tags["model.version"]
+    assert artifact_bytes(repo, plot_only)["figures/predictions.png"] != curves_files["figures/predictions.png"]
+    assert plot_only.data.metrics["test.accuracy"] == curves.data.metrics["test.accuracy"]
 
 
 def test_a_corrupt_store_stops_dvc_exp_run_before_training(repo: Path) -> None:

@@ -42,7 +42,7 @@ def test_a_few_dozen_iterations_learn_far_above_chance(tmp_path: Path, torch_sta
     train_idx, val_idx = split_indices(len(y), params.split.val_fraction, params.seed)
     torch.use_deterministic_algorithms(False)  # as a stage's process starts (torch_state restores it)
     make_deterministic(params.seed, params.train.num_threads)
-    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.are_deterministic_algorithms_enabled() and not torch.is_deterministic_algorithms_warn_only_enabled()
     model = Net()
 
     result = train(model, (x[train_idx], y[train_idx]), (x[val_idx], y[val_idx]), params.train, params.seed)
