@@ -61,11 +61,11 @@ def configure(store: Store, experiment: str) -> str:
     """
     mlflow.set_tracking_uri(store.uri)
     if store.database is None:
-        return _get_or_create_experiment(experiment, None)
+        return ensure_experiment(experiment)
     lock = store.database.with_name(f"{store.database.name}.lock")
     try:
         with FileLock(lock, timeout=STORE_LOCK_TIMEOUT_S):
-            experiment_id = _get_or_create_experiment(experiment, store.artifacts.as_uri())
+            experiment_id = ensure_experiment(experiment, store.artifacts.as_uri())
     except Timeout:
         raise StoreError(
             f"MLflow store {store.uri}: another process has held {lock} for {STORE_LOCK_TIMEOUT_S} s while setting up "
@@ -82,7 +82,8 @@ def configure(store: Store, experiment: str) -> str:
     return experiment_id
 
 
-def _get_or_create_experiment(name: str, artifact_location: str | None) -> str:
+def ensure_experiment(name: str, artifact_location: str | None = None) -> str:
+    """The id of the experiment `name` in the current tracking store, created (tagged EXPERIMENT_KIND) if missing."""
     found = mlflow.get_experiment_by_name(name)
     if found is None:
         try:

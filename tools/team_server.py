@@ -301,14 +301,13 @@ class TeamServer:
         from mlflow.exceptions import MlflowException
         from mlflow.server import get_app_client
 
-        from mnist_pipeline.tracking import EXPERIMENT_KIND, ensure_registered_model
+        from mnist_pipeline.tracking import ensure_experiment, ensure_registered_model
 
         url = self.url(settings)
         mlflow.set_tracking_uri(url)
         client = mlflow.MlflowClient()
         try:
-            found = client.get_experiment_by_name(experiment)
-            experiment_id = found.experiment_id if found else client.create_experiment(experiment, tags=EXPERIMENT_KIND)
+            experiment_id = ensure_experiment(experiment)
             ensure_registered_model(client, model)
             auth = get_app_client("basic-auth", tracking_uri=url)
             auth.create_user(name, password)
