@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import importlib
+import io
 import json
 import os
 import re
@@ -14,6 +16,7 @@ import sqlite3
 import struct
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.request
@@ -131,9 +134,21 @@ def doc_commands(needle: str) -> list[str]:
     return [line for line in lines if line]
 
 
+# What `dvc exp run` and `dvc exp apply` write into the workspace: the tests take them as committed (git HEAD), so
+# an experiment applied there changes nothing they check.
+RESULT_PATHS = ("params.yaml", "dvc.lock", "reports")
+
+
+@functools.cache
+def committed_params_text() -> str:
+    """params.yaml as committed (git HEAD), whatever experiment the workspace holds (RESULT_PATHS)."""
+    return subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=REPO, capture_output=True, text=True,
+                          check=True).stdout
+
+
 def shrunk_params(**train: object) -> dict:
-    """The real params.yaml, shrunk for a fast run on tiny data."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    """The committed params.yaml, shrunk for a fast run on tiny data."""
+    params = yaml.safe_load(committed_params_text())
     params["train"].update({"epochs": 2, "batch_size": 32, "log_every": 4, **train})
     params["plot"].update({"n_images": 9, "n_misclassified": 9})
     params["evaluate"]["batch_size"] = 25
@@ -314,15 +329,20 @@ def project_env(**extra: str) -> dict[str, str]:
 
 
 def copy_project(dest: Path) -> Path:
-    """The project's tracked and not-ignored files, committed in a fresh git repo: what a clone holds."""
+    """The project's tracked and not-ignored files, committed in a fresh git repo: what a clone holds, with the
+    working tree's code (edits included) and the params and results as committed (RESULT_PATHS)."""
     listed = subprocess.run(
         ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
         cwd=REPO, capture_output=True, check=True,
     ).stdout.decode().split("\0")
     for name in filter(None, listed):
-        if (REPO / name).is_file():
+        if (REPO / name).is_file() and name.split("/")[0] not in RESULT_PATHS:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, dest / name)
+    committed = subprocess.run(["git", "archive", "HEAD", "--", *RESULT_PATHS], cwd=REPO, capture_output=True,
+                               check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(committed)) as archive:
+        archive.extractall(dest, filter="data")
     env = project_env()
     subprocess.run(["git", "init", "-q"], cwd=dest, check=True, env=env)
     subprocess.run(["git", "add", "-A"], cwd=dest, check=True, env=env)
@@ -339,9 +359,9 @@ def dvc(clone: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]
 
 
 def one_epoch_params() -> dict:
-    """The real params.yaml with training shrunk to one epoch of the real data: 165 iterations of 256 images,
+    """The committed params.yaml with training shrunk to one epoch of the real data: 165 iterations of 256 images,
     reported at iterations 100 and 165."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = yaml.safe_load(committed_params_text())
     params["train"].update(epochs=1, log_every=100)
     return params
 
