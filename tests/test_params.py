@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from mnist_pipeline.params import ParamsError, flatten, load_params
-from tests.conftest import REPO
+from tests.conftest import REPO, committed_params_text
 
 
 def write(tmp_path: Path, params: dict) -> Path:
@@ -19,16 +19,19 @@ def write(tmp_path: Path, params: dict) -> Path:
 
 
 def real() -> dict:
-    return yaml.safe_load((REPO / "params.yaml").read_text())
+    """params.yaml as committed, whatever experiment the workspace holds."""
+    return yaml.safe_load(committed_params_text())
 
 
-def test_the_real_file_loads_every_value_under_the_name_dvc_gives_it() -> None:
+def test_the_real_file_loads_every_value_under_the_name_dvc_gives_it(tmp_path: Path) -> None:
     # The names `dvc exp run -S` and `dvc exp show` use, each with the file's value: none lost, renamed or added.
     raw = real()
     expected = {key: value for key, value in raw.items() if not isinstance(value, dict)}
     expected |= {f"{section}.{key}": value for section, values in raw.items() if isinstance(values, dict)
                  for key, value in values.items()}
-    assert flatten(load_params(REPO / "params.yaml")) == expected
+    path = tmp_path / "params.yaml"
+    path.write_text(committed_params_text())
+    assert flatten(load_params(path)) == expected
 
 
 @pytest.mark.parametrize(
@@ -66,7 +69,7 @@ def test_bad_params_name_file_and_key(tmp_path: Path, edit, key: str, words: str
 
 def test_exponent_floats_as_dvc_writes_them(tmp_path: Path) -> None:
     # `dvc exp run -S train.lr=1e-3` may leave `lr: 1e-3`, which plain YAML 1.1 reads as a string.
-    text = re.sub(r"\n  lr: [0-9.]+", "\n  lr: 1e-3", (REPO / "params.yaml").read_text())
+    text = re.sub(r"\n  lr: [0-9.]+", "\n  lr: 1e-3", committed_params_text())
     assert "lr: 1e-3" in text
     path = tmp_path / "params.yaml"
     path.write_text(text)
