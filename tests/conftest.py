@@ -146,9 +146,14 @@ def committed_params_text() -> str:
                           check=True).stdout
 
 
+def committed_params() -> dict:
+    """params.yaml as committed, parsed: a fresh dict each call, for the caller to change."""
+    return yaml.safe_load(committed_params_text())
+
+
 def shrunk_params(**train: object) -> dict:
     """The committed params.yaml, shrunk for a fast run on tiny data."""
-    params = yaml.safe_load(committed_params_text())
+    params = committed_params()
     params["train"].update({"epochs": 2, "batch_size": 32, "log_every": 4, **train})
     params["plot"].update({"n_images": 9, "n_misclassified": 9})
     params["evaluate"]["batch_size"] = 25
@@ -361,7 +366,7 @@ def dvc(clone: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]
 def one_epoch_params() -> dict:
     """The committed params.yaml with training shrunk to one epoch of the real data: 165 iterations of 256 images,
     reported at iterations 100 and 165."""
-    params = yaml.safe_load(committed_params_text())
+    params = committed_params()
     params["train"].update(epochs=1, log_every=100)
     return params
 

@@ -17,7 +17,7 @@ from benchmarks.pipeline_times import LOOP_DONE, plot_only_values, stage_seconds
 from benchmarks.recipes import FAST_RECIPE, peer_ratios
 from mnist_pipeline import live_run
 from stages import train
-from tests.conftest import committed_params_text, doc_block, pipeline_commands
+from tests.conftest import committed_params, doc_block, pipeline_commands
 
 
 def test_docs_fast_recipe_is_the_one_the_benchmark_times() -> None:
@@ -29,7 +29,7 @@ def test_docs_fast_recipe_is_the_one_the_benchmark_times() -> None:
     typed = {k: (type(v), v) for k, v in overrides.items()}  # DVC writes `deskew=1` as 1, which params refuse
     assert typed == {k: (type(v), v) for k, v in expected.items()}
     # Every override names a real train param, and differs from the committed default (else it would not be one).
-    train = yaml.safe_load(committed_params_text())["train"]
+    train = committed_params()["train"]
     assert all(train[key] != value for key, value in FAST_RECIPE.items())
 
 

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from mnist_pipeline.params import ParamsError, flatten, load_params
-from tests.conftest import REPO, committed_params_text
+from tests.conftest import REPO, committed_params, committed_params_text
 
 
 def write(tmp_path: Path, params: dict) -> Path:
@@ -18,14 +18,9 @@ def write(tmp_path: Path, params: dict) -> Path:
     return path
 
 
-def real() -> dict:
-    """params.yaml as committed, whatever experiment the workspace holds."""
-    return yaml.safe_load(committed_params_text())
-
-
 def test_the_real_file_loads_every_value_under_the_name_dvc_gives_it(tmp_path: Path) -> None:
     # The names `dvc exp run -S` and `dvc exp show` use, each with the file's value: none lost, renamed or added.
-    raw = real()
+    raw = committed_params()
     expected = {key: value for key, value in raw.items() if not isinstance(value, dict)}
     expected |= {f"{section}.{key}": value for section, values in raw.items() if isinstance(values, dict)
                  for key, value in values.items()}
@@ -57,7 +52,7 @@ def test_the_real_file_loads_every_value_under_the_name_dvc_gives_it(tmp_path: P
     ],
 )
 def test_bad_params_name_file_and_key(tmp_path: Path, edit, key: str, words: str) -> None:
-    params = real()
+    params = committed_params()
     edit(params)
     path = write(tmp_path, params)
     with pytest.raises(ParamsError) as info:
@@ -91,7 +86,7 @@ def test_docs_seed_recipe_sets_every_way_the_default_differs_from_the_notebook(t
     page = (REPO / "docs" / "parameters.md").read_text()
     block = page.split("The reference notebook's recipe is one params change away:", 1)[1].split("```")[1]
     overrides = dict(re.findall(r"-S train\.(\w+)=(\S+)", block))
-    raw = real()
+    raw = committed_params()
     raw["train"].update({key: yaml.safe_load(value) for key, value in overrides.items()})  # as `dvc exp run -S` parses
     train = load_params(write(tmp_path, raw)).train
     assert (train.batch_size, train.epochs, train.lr, train.optimizer) == (16, 3, 0.001, "adam")
