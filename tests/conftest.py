@@ -41,6 +41,7 @@ from mnist_pipeline.errors import first_line
 from mnist_pipeline.params import load_params
 from tools.local_server import free_port, wait_until_ready  # noqa: F401  the tests import free_port from here
 from tools.stage_commands import stage_commands
+from tools.system_packages import PACKAGES, find_program, missing_line
 
 REPO = Path(__file__).resolve().parents[1]
 # The tests talk to nothing but 127.0.0.1 and the data sources they name: no usage reports from DVC or MLflow,
@@ -111,6 +112,34 @@ def gzip_folder(src: Path, dest: Path) -> Path:
     for path in src.iterdir():
         (dest / f"{path.name}.gz").write_bytes(gzip.compress(path.read_bytes(), mtime=0))
     return dest
+
+
+def program(name: str) -> str:
+    """The path of a program from one of the Debian packages the slow tier needs (tools/system_packages.py); where
+    it is missing, the test fails in one line naming the package and the command that installs it: never a skip."""
+    found = find_program(name)
+    if found is None:
+        package = next(p for p in PACKAGES if p.program == name)
+        pytest.fail(f"{missing_line(package)}; `python -m tools.run_tests` installs every package the suite needs",
+                    pytrace=False)
+    return found
+
+
+@contextmanager
+def mounted(*args: str, target: Path) -> Iterator[Path]:
+    """`mount ARGS TARGET` for one test, lazily unmounted after. Mounting needs root: where it is refused the test
+    fails in CI (CI=true, run as root) and elsewhere skips, saying how to run it."""
+    refused = subprocess.run(["mount", *args, str(target)], capture_output=True, text=True)
+    if refused.returncode:
+        why = f"mounting a small disk needs root; mount said: {first_line(refused.stderr) or refused.returncode}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{why} (CI runs as root)", pytrace=False)
+        test = os.environ["PYTEST_CURRENT_TEST"].rsplit(" (", 1)[0]
+        pytest.skip(f"{why}: run it as root, e.g. sudo .venv/bin/python -m pytest '{test}'")
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=True)
 
 
 def doc_pages() -> list[Path]:

@@ -20,16 +20,21 @@ import pytest
 import yaml
 
 from tests.conftest import (
-    copy_workdir, doc_commands, dvc, free_port, get_json, one_epoch_params, project_env, queue_workers, serving,
-    wait_for_queue,
+    copy_workdir, doc_commands, dvc, free_port, get_json, one_epoch_params, program, project_env, queue_workers,
+    serving, wait_for_queue,
 )
 
 pytestmark = pytest.mark.slow
 BASELINE = one_epoch_params()  # the params of the session's real-data baseline
-CHROMIUM = [
-    "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
     "--disable-background-networking", "--disable-component-update", "--virtual-time-budget=15000",
 ]
+
+
+def chromium(profile: Path) -> list[str]:
+    """Debian's Chromium, headless, with a profile folder of its own."""
+    return [program("chromium"), *CHROMIUM_FLAGS, f"--user-data-dir={profile}"]
 
 
 @pytest.fixture
@@ -162,7 +167,7 @@ def test_named_queued_and_temp_experiments_each_have_their_run_and_the_best_appl
         assert {v["run_id"] for v in versions} <= {r["info"]["run_id"] for r in found}
 
         dom = subprocess.run(
-            [*CHROMIUM, f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom", f"{base}/#/experiments"],
+            [*chromium(tmp_path / "chromium"), "--dump-dom", f"{base}/#/experiments"],
             capture_output=True, text=True, timeout=120, check=True,
         ).stdout
         assert "mnist" in dom, dom[-2000:]
@@ -207,7 +212,7 @@ def test_plots_show_and_diff_draw_in_chromium(repo: Path, tmp_path: Path) -> Non
         out = tmp_path / command[1]
         dvc(repo, *command, "-o", str(out))
         dom = subprocess.run(
-            [*CHROMIUM, f"--user-data-dir={tmp_path / 'chromium'}", "--dump-dom", (out / "index.html").as_uri()],
+            [*chromium(tmp_path / "chromium"), "--dump-dom", (out / "index.html").as_uri()],
             capture_output=True, text=True, timeout=120, check=True,
         ).stdout
         # vega-embed replaces each plot's empty div with a canvas once the spec has been drawn.

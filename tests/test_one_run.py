@@ -19,7 +19,7 @@ import yaml
 
 from mnist_pipeline import machine
 from tests.conftest import (
-    REPO, copy_workdir, doc_commands, dvc, free_port, get_json, one_epoch_params, project_env, serving,
+    REPO, copy_workdir, doc_commands, dvc, free_port, get_json, mounted, one_epoch_params, project_env, serving,
 )
 from tests.test_environment import bump
 
@@ -319,15 +319,10 @@ def test_a_store_that_would_lose_runs_is_refused_before_training(repo: Path) -> 
 def test_a_full_disk_in_download_is_one_line(repo: Path, real_mnist: Path) -> None:
     data = repo / "data"
     shutil.rmtree(data / "raw")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(data)], capture_output=True)
-    if mounted.returncode:
-        pytest.skip("this machine does not allow mounting a tmpfs; tests/test_sources.py simulates the full disk")
-    try:
+    with mounted("-t", "tmpfs", "-o", "size=1m", "tmpfs", target=data):
         # Not from the run-cache: the stage itself must meet the full disk.
         result = subprocess.run([sys.executable, "-m", "dvc", "repro", "--force", "--no-run-cache", "download"],
                                 cwd=repo, env=project_env(MNIST_MIRROR=str(real_mnist)), capture_output=True, text=True)
-    finally:
-        subprocess.run(["umount", "-l", str(data)], check=True)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert errors == [f"error: cannot write data/raw: No space left on device; free space in {data}, then rerun "

@@ -7,7 +7,6 @@ import hashlib
 import http.server
 import io
 import json
-import subprocess
 import tarfile
 import threading
 from collections.abc import Iterator
@@ -21,7 +20,7 @@ from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.sources import (
     Source, SourceError, default_sources, download_mnist, fetch_from_index, fetch_from_mirror, to_url,
 )
-from tests.conftest import gzip_folder
+from tests.conftest import gzip_folder, mounted
 
 Files = tuple[MnistFile, ...]
 
@@ -244,12 +243,9 @@ def test_pip_configuration_is_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """A 64 KiB tmpfs: too small for the tiny files (where this machine allows mounting one)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("this machine does not allow mounting a tmpfs")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
+    (mount := tmp_path / "small").mkdir()
+    with mounted("-t", "tmpfs", "-o", "size=64k", "tmpfs", target=mount):
+        yield mount
 
 
 def test_disk_full_is_one_line_naming_the_folder_and_tries_no_other_source(

@@ -13,6 +13,7 @@ import pytest
 
 from mnist_pipeline import store, tracking
 from mnist_pipeline.store import StoreError, check_store, resolve_store
+from tests.conftest import mounted
 
 
 @pytest.fixture
@@ -127,32 +128,22 @@ def test_a_full_disk_is_refused_before_the_work(stored: store.Store, monkeypatch
 
 
 def test_a_real_full_disk_on_a_small_tmpfs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    mount = tmp_path / "small"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("no tmpfs can be mounted here; test_a_full_disk_is_refused_before_the_work simulates it")
-    try:
+    (mount := tmp_path / "small").mkdir()
+    with mounted("-t", "tmpfs", "-o", "size=8m", "tmpfs", target=mount):
         monkeypatch.chdir(mount)
         monkeypatch.setenv("DVC_ROOT", str(mount))
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
         with pytest.raises(StoreError, match=f"only [0-9]+ MiB free in {mount}"):
             check_store(resolve_store())
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 def test_a_read_only_store_is_refused(root: Path, stored: store.Store, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """A store seen through a read-only mount (as root, file modes alone do not stop a write)."""
-    view = tmp_path / "read-only-view"
-    view.mkdir()
-    if subprocess.run(["mount", "--bind", str(root), str(view)], capture_output=True).returncode:
-        pytest.skip("this machine does not allow bind mounts")
-    try:
+    (view := tmp_path / "read-only-view").mkdir()
+    with mounted("--bind", str(root), target=view):
         subprocess.run(["mount", "-o", "remount,bind,ro", str(view)], check=True)
         monkeypatch.setenv("DVC_ROOT", str(view))
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it
         with pytest.raises(StoreError, match=f"MLflow store {view / 'mlflow.db'} is read-only"):
             check_store(resolve_store())
-    finally:
-        subprocess.run(["umount", "-l", str(view)], check=True)

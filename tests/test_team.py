@@ -37,7 +37,7 @@ from tools.stage_commands import stage_commands
 from mnist_pipeline.store import StoreError, check_store, resolve_store
 from mnist_pipeline.training import load_state_dict
 from tests.conftest import (
-    REPO, copy_workdir, doc_commands, dvc, free_port, project_env, queue_workers, wait_for_queue,
+    REPO, copy_workdir, doc_commands, dvc, free_port, program, project_env, queue_workers, wait_for_queue,
 )
 
 pytestmark = pytest.mark.slow
@@ -107,7 +107,7 @@ def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Ssh]:
     host_key = (folder / "host_key.pub").read_text().split()[:2]
     (home / ".ssh/known_hosts").write_text(f"[127.0.0.1]:{port} {' '.join(host_key)}\n")
     log = (folder / "sshd.log").open("w")
-    process = subprocess.Popen(["timeout", str(SELF_STOP_S), "/usr/sbin/sshd", "-D", "-e", "-f",
+    process = subprocess.Popen(["timeout", str(SELF_STOP_S), program("sshd"), "-D", "-e", "-f",
                                 str(folder / "sshd_config")], stdout=log, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
@@ -142,6 +142,7 @@ def team_server(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
 @pytest.fixture(scope="module")
 def team() -> Iterator[Team]:
     """docs/team.md's team server on its own ports, with the accounts alice and bob made by the admin as it says."""
+    program("initdb")  # PostgreSQL's, which the team server starts
     # Not under pytest's private base folder: PostgreSQL runs as the `postgres` user when the tests run as root.
     data = Path(tempfile.mkdtemp(prefix="mnist-team-"))
     data.chmod(0o711)

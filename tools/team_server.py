@@ -33,6 +33,7 @@ from pathlib import Path
 
 from mnist_pipeline.errors import PipelineError, first_line, run_stage, text_lines
 from tools.local_server import answers, wait_until_ready
+from tools.system_packages import find_program
 
 DB_USER = "mlflow"
 DATABASES = ("mlflow", "mlflow_auth")  # runs and models; the auth app's users and permissions
@@ -343,11 +344,10 @@ def process_start(pid: int) -> int:
 
 def pg_bin(name: str) -> str:
     """A PostgreSQL program: on PATH, else in Debian's versioned folder (not on PATH there)."""
-    found = shutil.which(name) or next(iter(sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"),
-                                                   key=lambda p: int(p.parts[-3]), reverse=True)), None)
+    found = find_program(name)
     if found is None:
         raise PipelineError(f"team server: {name} not found; install PostgreSQL (Debian: apt-get install postgresql)")
-    return str(found)
+    return found
 
 
 def stop_group(pid: int, timeout: float = 30) -> None:
