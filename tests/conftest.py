@@ -127,11 +127,13 @@ def program(name: str) -> str:
 
 @contextmanager
 def mounted(*args: str, target: Path) -> Iterator[Path]:
-    """`mount ARGS TARGET` for one test, lazily unmounted after. Mounting needs root: where it is refused the test
-    fails in CI (CI=true, run as root) and elsewhere skips, saying how to run it."""
+    """`mount ARGS TARGET` for one test (a small disk to fill, a read-only view), lazily unmounted after. Mounting
+    needs root: where it is refused the test fails in CI (CI=true, run as root) and elsewhere skips, saying how to
+    run it."""
     refused = subprocess.run(["mount", *args, str(target)], capture_output=True, text=True)
     if refused.returncode:
-        why = f"mounting a small disk needs root; mount said: {first_line(refused.stderr) or refused.returncode}"
+        said = first_line(refused.stderr).rstrip(".") or f"exit {refused.returncode}"
+        why = f"this test mounts a file system, which needs root (mount said: {said})"
         if os.environ.get("CI"):
             pytest.fail(f"{why} (CI runs as root)", pytrace=False)
         test = os.environ["PYTEST_CURRENT_TEST"].rsplit(" (", 1)[0]
