@@ -21,8 +21,17 @@ CENTRE = 14.0  # ... and put its centre of mass here (the mean over the real tes
 DESKEW_CHUNK = 10_000  # images deskewed at once: about 60 MB of sampling grid
 MAX_BATCH = 10_000  # images per request: the whole MNIST test set (as pixels, 26 MB of JSON, answered in 13 s)
 MAX_IMAGE_PIXELS = 4096 * 4096  # a 12-megapixel phone photo fits; a decompression bomb does not
-INK = 0.15  # a pixel brighter than this fraction of the brightest one above the background belongs to the digit
-MIN_CONTRAST = 32  # brightest pixel minus background, out of 255, below which an image holds no digit
+INK = 0.15  # a pixel brighter than this fraction of the brightest one above the paper belongs to the digit
+MIN_CONTRAST = 32  # brightest pixel minus the paper, out of 255, below which an image holds no digit
+# The rules that tell a digit from blank paper, a speck or a scratch, chosen from the data (docs/serving.md): the
+# 10,000 MNIST test digits, as pixels and drawn on clean or unevenly lit paper, stand at least 4.4 times the bar
+# out of their paper and span at least 0.47 of their image; blank paper under uneven light comes to at most 0.57
+# of the bar, a speck or short scratch spans at most 0.18.
+MIN_SIGNAL = 10  # the digit's brightest pixel over the paper, in the paper's grains (its noise's deviation), at least
+MIN_SPAN = 0.25  # the ink's bounding box, its longer side as a fraction of the image's longer side, at least
+INK_NOISE = 5  # a pixel this many noise levels over the paper may be ink; below, it is the paper's grain
+PAPER_FIT_SIDE = 64  # the paper's shading is fitted on the image scaled down to this many pixels a side, at most
+PAPER_FIT_ROUNDS = 3  # fits of the paper, each without the pixels the last one took for ink
 
 
 class DigitError(ValueError):
@@ -96,14 +105,133 @@ def check_numbers(values: Iterable[object], where: str) -> None:
                          f"{', '.join(kinds)}")
 
 
-def check_not_blank(pixels: np.ndarray, first: int = 0) -> None:
-    """Refuse an image with no digit in it, as a blank image file is refused (`mnist_style`); `first` is the
+def paper_basis(height: int, width: int) -> np.ndarray:
+    """The smooth surfaces paper's shading is made of, over a height x width grid with corners at -1 and 1:
+    1, x, y, x^2, xy, y^2 (a gradient of light in any direction, a vignette, a page that curves)."""
+    y, x = np.meshgrid(np.linspace(-1, 1, height, dtype=np.float32), np.linspace(-1, 1, width, dtype=np.float32),
+                       indexing="ij")
+    return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y]).reshape(6, -1)
+
+
+def paper_surface(coefficients: np.ndarray, height: int, width: int) -> np.ndarray:
+    """N x H x W: the papers that N x 6 `coefficients` weigh (`paper_basis`), summed by rows and columns: a
+    12-megapixel photo's basis would take 290 MB."""
+    y = np.linspace(-1, 1, height, dtype=np.float32)[None, :, None]
+    x = np.linspace(-1, 1, width, dtype=np.float32)[None, None, :]
+    c = coefficients.astype(np.float32)[:, :, None, None]
+    return (c[:, 0] + c[:, 1] * x + c[:, 3] * x * x) + (c[:, 2] * y + c[:, 5] * y * y) + c[:, 4] * y * x
+
+
+def paper_fit(light_ink: np.ndarray) -> np.ndarray:
+    """N x 6: each image's paper as weights of `paper_basis`, fitted by least squares to the pixels that are not ink.
+
+    Ink is the bright minority (the images are light ink on dark paper here): the first fit takes the pixels not
+    above the image's mean, each next one those the last fit calls paper (`paper_pixels`), so a digit never lifts
+    its paper.
+    """
+    count, height, width = light_ink.shape
+    basis = paper_basis(height, width)
+    pairs = (basis[:, None] * basis[None]).reshape(36, -1).T  # every product of two surfaces, for the normal equations
+    values = light_ink.reshape(count, -1)
+    paper = values <= values.mean(1, keepdims=True)
+    for _ in range(PAPER_FIT_ROUNDS):
+        weights = paper.astype(np.float32)
+        normal = (weights @ pairs).reshape(count, 6, 6) + 1e-3 * np.eye(6, dtype=np.float32)
+        coefficients = np.linalg.solve(normal, ((weights * values) @ basis.T)[..., None])[..., 0]
+        paper = paper_pixels(values - coefficients @ basis)
+    return coefficients
+
+
+def noise_level(residual: np.ndarray, paper: np.ndarray) -> np.ndarray:
+    """Per image, the paper's grain: the standard deviation of its paper pixels' difference from the fitted paper,
+    as sqrt(pi/2) times their mean absolute difference (the ink is left out, so no outlier spoils the mean)."""
+    return 1.2533 * (np.abs(residual) * paper).sum(1) / np.maximum(paper.sum(1), 1)
+
+
+def paper_pixels(residual: np.ndarray) -> np.ndarray:
+    """N x P: each image's pixels that lie at most 2.5 noise levels above its fitted paper, the noise measured on
+    those not above the image's mean (the ink is the bright minority)."""
+    noise = noise_level(residual, residual <= residual.mean(1, keepdims=True))
+    return residual <= np.maximum(2.5 * noise, 2.0)[:, None]
+
+
+def paper_removed(light_ink: np.ndarray, lit: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """N x H x W light-ink images as how far each pixel stands over its paper (0 where below), and each image's
+    grain; the paper's shading is fitted on the images scaled down to PAPER_FIT_SIDE and taken out at full size.
+
+    `lit`: the images are inverted photos of dark ink on light paper. There the shading is the light falling on the
+    page, which dims ink and paper alike, so the ink is measured as the share of the local light it takes
+    (255 * (paper - pixel) / paper, in the photo's own shades): a digit reads the same in the bright and the dim
+    part of the page.
+    """
+    count, height, width = light_ink.shape
+    scale = min(1.0, PAPER_FIT_SIDE / max(height, width))
+    if scale < 1:
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        small = np.stack([np.asarray(Image.fromarray(i, mode="F").resize(size, Image.Resampling.BOX))
+                          for i in light_ink])
+    else:
+        small = light_ink
+    paper = paper_surface(paper_fit(small), height, width)
+    residual = light_ink - paper
+    if lit:
+        residual *= 255 / np.maximum(255 - paper, MIN_CONTRAST)  # 255 - paper: the paper's shade in the photo
+    flat = residual.reshape(count, -1)
+    return np.clip(residual, 0, None), noise_level(flat, paper_pixels(flat))
+
+
+def ink_mask(levels: np.ndarray, noise: np.ndarray) -> np.ndarray:
+    """N x H x W: the pixels of N images of ink levels that count as ink: at least INK of the image's brightest
+    and INK_NOISE of its grain (paper texture and compression noise are not), beside another such pixel (a lone
+    one is a sensor's hot pixel: a 12-megapixel photo has a few at 5 grains, which would stretch any box)."""
+    marked = levels >= np.maximum(INK * levels.max((1, 2)), INK_NOISE * noise)[:, None, None]
+    height, width = marked.shape[1:]
+    edged = np.pad(marked, ((0, 0), (1, 1), (1, 1)))
+    beside = np.zeros_like(marked)
+    for row, col in ((0, 0), (0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1), (2, 2)):  # the 8 neighbours
+        beside |= edged[:, row : row + height, col : col + width]
+    return marked & beside
+
+
+def ink_boxes(marked: np.ndarray) -> np.ndarray:
+    """N x 4: the bounding box of each image's ink (top, bottom, left, right; bottom and right one past the end),
+    all 0 where there is none."""
+    rows, cols = marked.any(2), marked.any(1)
+    top, left = rows.argmax(1), cols.argmax(1)
+    bottom, right = rows.shape[1] - rows[:, ::-1].argmax(1), cols.shape[1] - cols[:, ::-1].argmax(1)
+    return np.stack([top, bottom, left, right], 1) * rows.any(1)[:, None]  # no ink: an empty box
+
+
+def no_digit(shades: tuple[float, float], peak: float, noise: float, box: np.ndarray, size: tuple[int, int]) -> str:
+    """Why an image holds no digit, in words for its client; "" where it holds one.
+
+    A digit stands clearly out of its paper's grain and spans a good part of its image. Blank paper under uneven
+    light leaves only its grain once its smooth shading is out; a speck or a scratch spans too little for a digit.
+    """
+    (low, high), (height, width) = shades, size
+    if high - low < MIN_CONTRAST:
+        return f"no digit found: the image is one flat shade (grey {low:.0f} to {high:.0f})"
+    if peak < max(MIN_CONTRAST, MIN_SIGNAL * noise):
+        return (f"no digit found: the image is blank paper: its shading is smooth, and no mark stands out of it (at "
+                f"most {peak:.0f} grey levels over a grain of {noise:.1f}; a digit stands at least {MIN_CONTRAST} "
+                f"levels and {MIN_SIGNAL} grains out)")
+    top, bottom, left, right = (int(edge) for edge in box)
+    if max(bottom - top, right - left) < MIN_SPAN * max(height, width):
+        return (f"no digit found: the only marks span {right - left}x{bottom - top} pixels of {width}x{height}, "
+                f"too small for a digit (crop the image so that its digit spans at least a quarter of it)")
+    return ""
+
+
+def check_digits(pixels: np.ndarray, first: int = 0) -> None:
+    """Refuse a pixel array with no digit in it, held to the rules an image file is (`no_digit`); `first` is the
     request's index of pixels[0]."""
-    flat = (pixels.max((1, 2)).astype(np.int16) - pixels.min((1, 2))) < MIN_CONTRAST
-    if flat.any():
-        index = int(np.flatnonzero(flat)[0])
-        raise DigitError(f"inputs[{first + index}]: no digit found: every pixel is within {MIN_CONTRAST} grey "
-                         f"levels of {int(pixels[index].min())}")
+    levels, noise = paper_removed(pixels.astype(np.float32))
+    peaks, boxes = levels.max((1, 2)), ink_boxes(ink_mask(levels, noise))
+    lows, highs = pixels.min((1, 2)), pixels.max((1, 2))
+    for index, (low, high, peak, grain, box) in enumerate(zip(lows, highs, peaks, noise, boxes)):
+        why = no_digit((low, high), peak, grain, box, (SIZE, SIZE))
+        if why:
+            raise DigitError(f"inputs[{first + index}]: {why}")
 
 
 def decode_image(data: bytes, where: str = "image") -> np.ndarray:
@@ -122,13 +250,28 @@ def decode_image(data: bytes, where: str = "image") -> np.ndarray:
     try:
         image = eight_bit(ImageOps.exif_transpose(image))  # a phone photo's pixels as the phone shows them
         if "A" in image.getbands() or "transparency" in image.info:
-            # Transparent parts as paper: a digit drawn on a transparent canvas becomes dark ink on white.
-            paper = Image.new("RGBA", image.size, "white")
-            image = Image.alpha_composite(paper, image.convert("RGBA"))
+            image, where = on_paper(image.convert("RGBA"), where)
         gray = np.asarray(image.convert("L"), dtype=np.float32)
+    except DigitError:
+        raise
     except (OSError, ValueError, SyntaxError) as err:
         raise DigitError(f"{where}: a damaged {image.format} file ({' '.join(str(err).split())})") from None
     return mnist_style(gray, where)
+
+
+def on_paper(image: Image.Image, where: str) -> tuple[Image.Image, str]:
+    """A transparent image laid on paper that its drawing stands out of: a light drawing (a white digit on a
+    transparent canvas) on black, a dark one on white; `where` grows the words that say so, for any refusal."""
+    alpha = np.asarray(image.getchannel("A"), dtype=np.float32)
+    if alpha.max() == 0:
+        raise DigitError(f"{where}: no digit found: the image is transparent everywhere (its alpha channel is 0)")
+    if alpha.min() == 255:  # an alpha channel, and nothing transparent
+        return image, where
+    shade = np.asarray(image.convert("L"), dtype=np.float32)
+    light = float((shade * alpha).sum() / alpha.sum()) > 127  # the drawn part's shade, where it is drawn
+    paper = Image.new("RGBA", image.size, "black" if light else "white")
+    drawing = f"a {'light' if light else 'dark'} drawing on a transparent background (its alpha channel)"
+    return Image.alpha_composite(paper, image), f"{where}: {drawing}"
 
 
 def eight_bit(image: Image.Image) -> Image.Image:
@@ -147,18 +290,21 @@ def eight_bit(image: Image.Image) -> Image.Image:
 
 
 def mnist_style(gray: np.ndarray, where: str = "image") -> np.ndarray:
-    """A grayscale picture of one digit made as MNIST's were: white on black, fitted into 20x20, centred by mass."""
+    """A grayscale picture of one digit made as MNIST's were: its paper's shading taken out, white on black, fitted
+    into 20x20, centred by mass; refused in one line where it holds no digit (`no_digit`)."""
     border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
-    if np.median(border) > 127:  # dark ink on light paper: MNIST's digits are light on dark
-        gray, border = 255 - gray, 255 - border
-    ink = np.clip(gray - np.median(border), 0, None)
-    peak = float(ink.max())
-    if peak < MIN_CONTRAST:
-        raise DigitError(f"{where}: no digit found: the image is one flat shade")
-    ink *= 255 / peak
-    ink[ink < INK * 255] = 0  # paper texture and compression noise
-    rows, cols = np.flatnonzero(ink.any(1)), np.flatnonzero(ink.any(0))
-    digit = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    shades = (float(gray.min()), float(gray.max()))
+    light_paper = bool(np.median(border) > 127)
+    if light_paper:  # dark ink on light paper: MNIST's digits are light on dark
+        gray = 255 - gray
+    levels, noise = paper_removed(gray[None], lit=light_paper)
+    marked = ink_mask(levels, noise)
+    (top, bottom, left, right), peak = ink_boxes(marked)[0], float(levels.max())
+    why = no_digit(shades, peak, float(noise[0]), (top, bottom, left, right), gray.shape)
+    if why:
+        raise DigitError(f"{where}: {why}")
+    ink = np.where(marked[0], levels[0] * (255 / peak), 0).astype(np.float32)
+    digit = ink[top:bottom, left:right]
     height, width = digit.shape
     scale = BOX / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
@@ -209,7 +355,7 @@ def read_batch(batch: object) -> np.ndarray:
         raise DigitError(f"inputs: {len(items)} images is over the limit of {MAX_BATCH:,} a request; split the batch")
     if isinstance(items, np.ndarray):
         pixels = check_pixels(items)
-        check_not_blank(pixels)
+        check_digits(pixels)
         return pixels
     pixels = np.empty((len(items), SIZE, SIZE), dtype=np.uint8)
     for index, item in enumerate(items):
@@ -226,7 +372,7 @@ def read_batch(batch: object) -> np.ndarray:
         if isinstance(item, (list, tuple)):  # np.asarray reads [true, 7] as [1, 7]: look at what was sent
             check_numbers((value for row in item for value in row), where)
         pixels[index] = check_pixels(array[None], where)[0]
-        check_not_blank(pixels[index : index + 1], index)
+        check_digits(pixels[index : index + 1], index)
     return pixels
 
 

@@ -72,7 +72,8 @@ def idx_bytes(array: np.ndarray) -> bytes:
 
 
 def tiny_arrays(n_train: int = 240, n_test: int = 60, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random MNIST-shaped images whose brightest quadrant encodes the label, so a CNN can learn it."""
+    """Random MNIST-shaped images whose bright block encodes the label by its place, so a CNN can learn it; a block
+    8 pixels tall, so that the served model takes it for a digit (digits.MIN_SPAN)."""
     rng = np.random.default_rng(seed)
     arrays = {}
     for split, n in (("train", n_train), ("t10k", n_test)):
@@ -81,7 +82,7 @@ def tiny_arrays(n_train: int = 240, n_test: int = 60, seed: int = 0) -> dict[str
         images = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
         for i, label in enumerate(labels):
             row, col = divmod(int(label), 4)
-            images[i, 2 + 8 * row : 8 + 8 * row, 2 + 6 * col : 8 + 6 * col] = 255
+            images[i, 2 + 8 * row : 10 + 8 * row, 2 + 6 * col : 8 + 6 * col] = 255
         arrays[f"{split}-images-idx3-ubyte"] = images
         arrays[f"{split}-labels-idx1-ubyte"] = labels.astype(np.uint8)
     return arrays

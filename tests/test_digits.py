@@ -118,7 +118,7 @@ def test_pixels_that_are_not_numbers_are_refused_as_sent(value: object, kind: st
 @pytest.mark.parametrize("shade", [0, 255, 128])
 def test_a_blank_pixel_array_is_refused_as_a_blank_image_is(shade: int) -> None:
     blank = np.full((28, 28), shade, np.uint8)
-    message = f"inputs[1]: no digit found: every pixel is within 32 grey levels of {shade}"
+    message = f"inputs[1]: no digit found: the image is one flat shade (grey {shade} to {shade})"
     with pytest.raises(DigitError, match=re.escape(message)):
         read_batch(np.stack([SEVEN, blank]))
     with pytest.raises(DigitError, match=re.escape(message)):
@@ -238,3 +238,131 @@ def test_example_files_are_mnist_shaped_after_preprocessing() -> None:
     assert {p.suffix for p in files} == {".png", ".jpg"} and len(files) >= 4
     for path in files:
         assert_mnist_shaped(decode_image(path.read_bytes(), path.name))
+
+
+# ---- what is not a digit -------------------------------------------------------------------------------------------
+LIGHTS = ("left to right", "top to bottom", "corner to corner", "vignette")
+
+
+def uneven_paper(light: str, grain: float, size: int = 300, shades: tuple[int, int] = (200, 250),
+                 seed: int = 0) -> np.ndarray:
+    """Blank paper photographed under uneven light, as floats: grey shades[0] to shades[1] across it (for a
+    vignette, bright in the middle, dark in the corners), with sensor noise of standard deviation `grain`."""
+    y, x = np.mgrid[0:size, 0:size] / (size - 1)
+    across = {"left to right": x, "top to bottom": y, "corner to corner": (x + y) / 2,
+              "vignette": 1 - 2 * ((x - 0.5) ** 2 + (y - 0.5) ** 2)}[light]
+    noise = np.random.default_rng(seed).normal(0, grain, (size, size))
+    return shades[0] + (shades[1] - shades[0]) * across + noise
+
+
+def as_file(page: np.ndarray, fmt: str) -> bytes:
+    gray = Image.fromarray(np.clip(np.rint(page), 0, 255).astype(np.uint8))
+    return encode(gray, fmt, **({"quality": 75} if fmt == "JPEG" else {}))
+
+
+def non_digit_files() -> dict[str, bytes]:
+    """Image files with no digit: blank paper under each light, with and without grain, as PNG and as JPEG (its
+    artefacts too), and specks and short scratches on paper."""
+    files = {}
+    for light in LIGHTS:
+        for grain in (0, 2, 4, 8):
+            for fmt in ("PNG", "JPEG"):
+                files[f"blank paper, {light}, grain {grain}, {fmt}"] = as_file(uneven_paper(light, grain), fmt)
+    for side in (2, 4, 6, 8):  # a speck of grey 100 on paper of grey 240
+        page = uneven_paper("left to right", 2, shades=(240, 240))
+        page[150 : 150 + side, 100 : 100 + side] = 100
+        for fmt in ("PNG", "JPEG"):
+            files[f"a {side}x{side} speck, {fmt}"] = as_file(page, fmt)
+    for length in (5, 10, 15):  # a scratch two pixels wide, slanting down
+        page = uneven_paper("left to right", 4)
+        for step in range(length):
+            page[120 + step, 80 + step // 2 : 82 + step // 2] = 90
+        files[f"a {length}-pixel scratch, PNG"] = as_file(page, "PNG")
+    return files
+
+
+def non_digit_arrays() -> dict[str, np.ndarray]:
+    """MNIST-style pixel arrays (light on black) with no digit: smooth shading, grain, specks, short scratches."""
+    arrays = {}
+    for light in LIGHTS:
+        for grain in (0, 3):
+            arrays[f"shading {light}, grain {grain}"] = uneven_paper(light, grain, 28, (0, 60))
+    for side in (1, 2, 3, 4):
+        speck = np.zeros((28, 28))
+        speck[12 : 12 + side, 9 : 9 + side] = 255
+        arrays[f"a {side}x{side} speck"] = speck
+    for length in (3, 5):
+        scratch = np.zeros((28, 28))
+        scratch[np.arange(10, 10 + length), np.arange(6, 6 + length)] = 200
+        arrays[f"a {length}-pixel scratch"] = scratch
+    return {name: np.clip(np.rint(a), 0, 255).astype(np.uint8) for name, a in arrays.items()}
+
+
+def test_image_files_with_no_digit_are_refused_in_one_line_saying_what_was_seen() -> None:
+    for name, data in non_digit_files().items():
+        with pytest.raises(DigitError) as info:
+            read_batch([data])
+        message = str(info.value)
+        what = "blank paper" if name.startswith("blank") else "span"
+        assert message.startswith("inputs[0]: no digit found: ") and "\n" not in message, (name, message)
+        assert what in message or "one flat shade" in message, (name, message)
+
+
+def test_the_uneven_blank_paper_and_the_speck_of_the_issue_say_what_they_are() -> None:
+    for fmt in ("PNG", "JPEG"):
+        with pytest.raises(DigitError, match=r"^inputs\[0\]: no digit found: the image is blank paper: its shading "
+                                             r"is smooth"):
+            read_batch([as_file(uneven_paper("left to right", 4), fmt)])
+    speck = uneven_paper("left to right", 0, shades=(240, 240))
+    speck[100:104, 200:204] = 100
+    with pytest.raises(DigitError, match=r"^inputs\[0\]: no digit found: the only marks span 4x4 pixels of 300x300, "
+                                         r"too small for a digit"):
+        read_batch([as_file(speck, "PNG")])
+
+
+def test_pixel_arrays_with_no_digit_are_refused_as_image_files_are() -> None:
+    for name, pixels in non_digit_arrays().items():
+        with pytest.raises(DigitError, match=r"^inputs\[1\]: no digit found: ") as info:
+            read_batch(np.stack([SEVEN, pixels]))
+        assert "\n" not in str(info.value), name
+        with pytest.raises(DigitError, match=r"^inputs\[1\]: no digit found: "):
+            read_batch([SEVEN.tolist(), pixels.tolist()])
+
+
+def drawn_dark(digit: np.ndarray, page: np.ndarray) -> np.ndarray:
+    """An MNIST digit drawn in dark ink over the middle of a page: the ink takes up to 80% of the paper's light."""
+    size = page.shape[0] * 3 // 4
+    ink = np.asarray(Image.fromarray(digit).resize((size, size), Image.Resampling.BILINEAR), dtype=np.float64)
+    top = (page.shape[0] - size) // 2
+    page = page.copy()
+    page[top : top + size, top : top + size] *= 1 - 0.8 * ink / 255
+    return page
+
+
+@pytest.mark.parametrize("light", LIGHTS)
+def test_a_digit_under_uneven_light_is_the_digit_on_clean_paper(light: str) -> None:
+    clean = decode_image(as_file(drawn_dark(SEVEN, np.full((300, 300), 240.0)), "PNG"))
+    for fmt in ("PNG", "JPEG"):
+        uneven = decode_image(as_file(drawn_dark(SEVEN, uneven_paper(light, 4)), fmt))
+        assert_mnist_shaped(uneven)
+        assert similarity(uneven, clean) > 0.95 and similarity(uneven, SEVEN) > 0.9, (light, fmt)
+
+
+def test_a_white_digit_on_a_transparent_canvas_is_read() -> None:
+    big = Image.fromarray(SEVEN).resize((140, 140), Image.Resampling.BICUBIC)
+    canvas = Image.new("RGBA", big.size, (255, 255, 255, 0))  # white, and transparent but where the digit is
+    canvas.putalpha(big)
+    pixels = decode_image(encode(canvas))
+    assert_mnist_shaped(pixels)
+    assert similarity(pixels, SEVEN) > 0.9
+
+
+@pytest.mark.parametrize(("alpha", "message"), [
+    (0, "no digit found: the image is transparent everywhere (its alpha channel is 0)"),
+    (128, "a light drawing on a transparent background (its alpha channel): no digit found: the image is one flat "
+          "shade (grey 128 to 128)"),
+])
+def test_a_transparent_image_with_no_digit_is_refused_naming_its_alpha_channel(alpha: int, message: str) -> None:
+    with pytest.raises(DigitError) as info:
+        decode_image(encode(Image.new("RGBA", (60, 60), (255, 255, 255, alpha))), "inputs[0]")
+    assert str(info.value) == f"inputs[0]: {message}"
