@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import sys
 from collections.abc import Callable
+
+# The user and password part of a URL (scheme://user:password@host/...), as pip, MLflow and DVC accept them.
+URL_LOGIN = re.compile(r"(?<=://)[^/?#@\s'\"]*@")
 
 
 class PipelineError(Exception):
@@ -21,6 +25,12 @@ def first_line(text: str) -> str:
     return next(iter(text_lines(text)), "")
 
 
+def without_login(text: str) -> str:
+    """`text` with the user and password of every URL in it taken out (a package index or a tracking server
+    behind a login): no message, log or run name of the project shows them."""
+    return URL_LOGIN.sub("", text)
+
+
 def interrupt(signum: int, _frame: object) -> None:
     """A SIGTERM handler: raise KeyboardInterrupt, so that runs end KILLED and temporary files go as on Ctrl+C."""
     raise KeyboardInterrupt(f"stopped by signal {signal.Signals(signum).name}")
@@ -32,10 +42,17 @@ def interrupted(err: KeyboardInterrupt) -> str:
 
 
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(): a PipelineError, Ctrl+C or SIGTERM ends it with one line on stderr and exit code 1."""
+    """Run a stage's main(): a PipelineError, Ctrl+C or SIGTERM ends it with one line on stderr and exit code 1.
+
+    The one SIGTERM path of every stage and tool, whatever it does (live curves or not): raised as
+    KeyboardInterrupt, so runs end KILLED saying why and temporary files go; the previous handler is put back.
+    """
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         main()
     except PipelineError as err:
-        sys.exit(f"error: {err}")
+        sys.exit(f"error: {without_login(str(err))}")
     except KeyboardInterrupt as err:
         sys.exit(f"{interrupted(err)}: outputs not yet written are left as they were")
+    finally:
+        signal.signal(signal.SIGTERM, previous)

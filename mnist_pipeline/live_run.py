@@ -24,7 +24,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from mnist_pipeline.errors import first_line, interrupt, interrupted
+from mnist_pipeline.errors import first_line, interrupted
 
 if TYPE_CHECKING:
     from mnist_pipeline.reports import LogRow
@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 REPORTS_ENV = "MNIST_LIVE_REPORTS"  # the file the first training process appends its reports to
 SWITCH_ENV = "MNIST_LIVE_CURVES"  # "off": no run during training (record makes the run afterwards)
 POLL_S = 0.5
+# How long the stage waits for the helper's run before it trains without one: MLflow's start and a run's creation
+# take seconds; a store that takes connections and never answers would hold the training for MLflow's retries.
+START_TIMEOUT_S = 60
 CURVES = ("train_acc", "train_loss", "val_acc")
 TRAINING_TAG = "training"  # what the helper last knew of the training: running, trained, failed, killed
 PROJECT = str(Path(__file__).resolve().parents[1])  # where the helper imports this package from, whatever the cwd
@@ -67,6 +70,10 @@ class LiveRun:
         process.stdin.write(json.dumps({"experiment": experiment, "outputs": [str(p) for p in outputs], "tags": tags,
                                         "params": {k: str(v) for k, v in params.items()}}) + "\n")
         process.stdin.flush()
+        if not select.select([process.stdout], [], [], START_TIMEOUT_S)[0]:
+            os.killpg(process.pid, signal.SIGKILL)  # its session: MLflow's own children go too
+            process.wait()
+            return f"the store made no run within {START_TIMEOUT_S} s"
         answer = process.stdout.readline().split()
         if answer[:1] != ["ready"]:
             process.kill()
@@ -115,17 +122,14 @@ def live_run(experiment: str, outputs: list[Path], params: dict[str, object],
             print(f"train: no live curves in MLflow ({live}); record logs them with the result", file=sys.stderr)
             yield None
             return
-        previous = signal.signal(signal.SIGTERM, interrupt)  # so that the run says what stopped the training
         try:
             yield live
-        except KeyboardInterrupt as err:
+        except KeyboardInterrupt as err:  # Ctrl+C, or SIGTERM as errors.run_stage raises it
             live.end("KILLED", interrupted(err))
             raise
         except BaseException as err:
             live.end("FAILED", first_line(str(err)) or type(err).__name__)
             raise
-        finally:
-            signal.signal(signal.SIGTERM, previous)
         live.end("FINISHED")
 
 

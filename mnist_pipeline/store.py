@@ -12,10 +12,10 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.errors import PipelineError, without_login
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -34,11 +34,17 @@ class StoreError(PipelineError):
 
 @dataclass(frozen=True)
 class Store:
-    """A resolved tracking URI, and for a local SQLite store its file and artifact folder."""
+    """A resolved tracking URI, and for a local SQLite store its file and artifact folder.
+
+    A server's URI is kept without the user and password it may have been given with (http://user:pw@host), so
+    that no message and no MLflow line ("View run ... at") shows them; they are in `login`, which `tracking`
+    hands to MLflow as its login variables.
+    """
 
     uri: str
     database: Path | None = None
     artifacts: Path | None = None
+    login: tuple[str, str] | None = field(default=None, repr=False)
 
 
 def repo_root() -> Path:
@@ -56,9 +62,12 @@ def resolve_store(environ: dict[str, str] | None = None) -> Store:
     root = repo_root()
     if not uri:
         return _sqlite_store(root / STORE_FILE)
-    scheme = urllib.parse.urlsplit(uri).scheme
+    parts = urllib.parse.urlsplit(uri)
+    scheme, uri = parts.scheme, without_login(uri)
     if scheme in ("http", "https"):
-        return Store(uri.rstrip("/"))
+        login = None if parts.username is None else (urllib.parse.unquote(parts.username),
+                                                     urllib.parse.unquote(parts.password or ""))
+        return Store(uri.rstrip("/"), login=login)
     if scheme == "sqlite":
         path = uri.removeprefix("sqlite:///")
         if path == uri or path in ("", ":memory:"):
@@ -88,7 +97,7 @@ def _sqlite_store(database: Path) -> Store:
 def check_store(store: Store, timeout: float = 10) -> None:
     """Fail in one line if the store cannot take a run: unreachable, corrupt, unwritable or out of space."""
     if store.database is None:
-        check_server(store.uri, timeout)
+        check_server(store, timeout)
         return
     _check_database(store.database)
     lost = lost_versions(store.database)
@@ -123,8 +132,9 @@ def _files_gone(location: str) -> bool:
         urllib.request.url2pathname(urllib.parse.urlparse(location).path)).exists()
 
 
-def check_server(uri: str, timeout: float = 10) -> None:
+def check_server(store: Store, timeout: float = 10) -> None:
     """Fail at once if the tracking server does not answer (MLflow itself retries for minutes) or refuses our login."""
+    uri = store.uri
     try:
         with urllib.request.urlopen(f"{uri}/health", timeout=timeout):
             pass
@@ -133,18 +143,29 @@ def check_server(uri: str, timeout: float = 10) -> None:
             f"MLFLOW_TRACKING_URI={uri}: the MLflow server does not answer ({getattr(err, 'reason', err)}); "
             "start it, or unset MLFLOW_TRACKING_URI to record in the repo's mlflow.db"
         ) from None
-    _check_login(uri, timeout)
+    _check_login(store, timeout)
 
 
-def _check_login(uri: str, timeout: float) -> None:
-    """One authenticated read, with the credentials MLflow's client will send; a server without logins accepts it."""
+def login_environ(store: Store) -> dict[str, str]:
+    """MLflow's login variables for `store`: those set, else the user and password its URI was given with."""
+    names = (USERNAME_ENV, PASSWORD_ENV)
+    if store.login is None or any(os.environ.get(name) for name in names):
+        return {}
+    return dict(zip(names, store.login))
+
+
+def _check_login(store: Store, timeout: float) -> None:
+    """One authenticated read, with the credentials MLflow's client will send; a server without logins accepts it.
+    The Authorization header goes to this server alone: urllib copies a plain header to wherever it redirects."""
+    uri = store.uri
     request = urllib.request.Request(f"{uri}/api/2.0/mlflow/experiments/search?max_results=1")
-    user, password = os.environ.get(USERNAME_ENV), os.environ.get(PASSWORD_ENV)
-    token = os.environ.get(TOKEN_ENV)
+    environ = {**os.environ, **login_environ(store)}
+    user, password, token = environ.get(USERNAME_ENV), environ.get(PASSWORD_ENV), environ.get(TOKEN_ENV)
     if user and password:
-        request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
+        request.add_unredirected_header("Authorization",
+                                        "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())
     elif token:
-        request.add_header("Authorization", f"Bearer {token}")
+        request.add_unredirected_header("Authorization", f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=timeout):
             return

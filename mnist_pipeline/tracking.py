@@ -3,7 +3,7 @@ line."""
 
 from __future__ import annotations
 
-import signal
+import os
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,8 +17,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 
-from mnist_pipeline.errors import interrupt, text_lines
-from mnist_pipeline.store import FILES_LOST_TAG, Store, StoreError
+from mnist_pipeline.errors import text_lines
+from mnist_pipeline.store import FILES_LOST_TAG, Store, StoreError, login_environ
 
 # The tag that ties a run and a registered model version to the exact model file (SHA-256 of its bytes).
 MODEL_TAG = "model_sha256"
@@ -59,6 +59,7 @@ def configure(store: Store, experiment: str) -> str:
     in DVC's temporary copies of the repo land there too. A file lock serializes creating the store and the
     experiment: several processes creating a fresh SQLite store at once fail.
     """
+    os.environ.update(login_environ(store))  # a login given in the URI, as MLflow's variables (see store.Store)
     mlflow.set_tracking_uri(store.uri)
     if store.database is None:
         return ensure_experiment(experiment)
@@ -115,8 +116,8 @@ def ensure_registered_model(client: mlflow.MlflowClient, name: str) -> None:
 
 @contextmanager
 def tracked_run(**start: object) -> Iterator[mlflow.ActiveRun]:
-    """An MLflow run that always ends: FINISHED, FAILED on an error, KILLED on Ctrl+C or SIGTERM."""
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    """An MLflow run that always ends: FINISHED, FAILED on an error, KILLED on Ctrl+C or SIGTERM (raised as
+    KeyboardInterrupt by errors.run_stage, which every stage and tool runs in)."""
     run = mlflow.start_run(**start)
     try:
         yield run
@@ -130,8 +131,6 @@ def tracked_run(**start: object) -> Iterator[mlflow.ActiveRun]:
         raise
     else:
         mlflow.end_run("FINISHED")
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _fail_pending_models(run: mlflow.ActiveRun) -> None:

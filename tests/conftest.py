@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import functools
 import gzip
 import hashlib
+import http.server
 import importlib
 import io
 import json
@@ -18,10 +20,12 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +147,63 @@ def mounted(*args: str, target: Path) -> Iterator[Path]:
         yield target
     finally:
         subprocess.run(["umount", "-l", str(target)], check=True)
+
+
+@dataclass
+class Served:
+    """What a test's HTTP server on 127.0.0.1 was asked: each request's path and Authorization header."""
+
+    base: str
+    requests: list[tuple[str, str | None]]
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Served]]:
+    """Start HTTP servers on 127.0.0.1 answering from {path: (content type, body)}, or ("redirect", URL); with
+    `login` (user, password), only to requests that send it as HTTP Basic auth (401 otherwise), but for the `public`
+    paths (a tracking server's /health). Stopped after."""
+    servers = []
+
+    def start(routes: dict[str, tuple[str, bytes | str]], fallback: tuple[str, bytes] | None = None,
+              login: tuple[str, str] | None = None, public: tuple[str, ...] = ()) -> Served:
+        asked: list[tuple[str, str | None]] = []
+        expected = None if login is None else "Basic " + base64.b64encode(":".join(login).encode()).decode()
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+                asked.append((self.path, self.headers.get("Authorization")))
+                guarded = expected is not None and self.path.split("?")[0] not in public
+                if guarded and self.headers.get("Authorization") != expected:
+                    self.send_error(401)
+                    return
+                found = routes.get(self.path.split("?")[0], fallback)
+                if found is None:
+                    self.send_error(404)
+                    return
+                if found[0] == "redirect":
+                    self.send_response(302)
+                    self.send_header("Location", str(found[1]))
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", found[0])
+                self.send_header("Content-Length", str(len(found[1])))
+                self.end_headers()
+                self.wfile.write(found[1])
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return Served(f"http://127.0.0.1:{server.server_address[1]}/", asked)
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
 
 
 def doc_pages() -> list[Path]:

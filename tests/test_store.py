@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import shutil
 import sqlite3
@@ -13,7 +14,7 @@ import pytest
 
 from mnist_pipeline import store, tracking
 from mnist_pipeline.store import StoreError, check_store, resolve_store
-from tests.conftest import mounted
+from tests.conftest import free_port, mounted
 
 
 @pytest.fixture
@@ -46,7 +47,8 @@ def test_absolute_sqlite_uri_and_server_are_kept(root: Path, tmp_path: Path) -> 
      ("mysql+pymysql://u@127.0.0.1/mlflow", "mlflow server --backend-store-uri")],
 )
 def test_stores_that_would_lose_runs_are_refused(root: Path, uri: str, words: str) -> None:
-    with pytest.raises(StoreError, match=f"MLFLOW_TRACKING_URI={re.escape(uri)}: .*{re.escape(words)}"):
+    with pytest.raises(StoreError, match=f"MLFLOW_TRACKING_URI={re.escape(uri.replace('u@', ''))}: .*"
+                                         f"{re.escape(words)}"):
         resolve_store({"MLFLOW_TRACKING_URI": uri})
 
 
@@ -147,3 +149,26 @@ def test_a_read_only_store_is_refused(root: Path, stored: store.Store, tmp_path:
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it
         with pytest.raises(StoreError, match=f"MLflow store {view / 'mlflow.db'} is read-only"):
             check_store(resolve_store())
+
+
+def test_a_login_in_the_tracking_uri_is_sent_to_that_server_alone_and_shown_nowhere(serve) -> None:
+    other = serve({"/api/2.0/mlflow/experiments/search": ("application/json", b"{}")})
+    server = serve({"/health": ("text/plain", b"OK"),
+                    "/api/2.0/mlflow/experiments/search": ("redirect", other.base + "api/2.0/mlflow/experiments/"
+                                                                         "search")},
+                   login=("alice", "pa ss:word"), public=("/health",))
+    found = resolve_store({"MLFLOW_TRACKING_URI": server.base.replace("//", "//alice:pa%20ss%3Aword@")})
+    assert found.uri == server.base.rstrip("/") and found.login == ("alice", "pa ss:word")
+    assert "word" not in repr(found)
+    check_store(found)  # the login reached the server; the redirect's target got no Authorization header
+    assert server.requests[1][1] == "Basic " + base64.b64encode(b"alice:pa ss:word").decode()
+    assert [auth for _, auth in other.requests] == [None]
+
+
+def test_a_tracking_uri_with_a_login_that_does_not_answer_is_one_line_without_it() -> None:
+    uri = f"http://alice:hunter2@127.0.0.1:{free_port()}/"
+    with pytest.raises(StoreError) as info:
+        check_store(resolve_store({"MLFLOW_TRACKING_URI": uri}))
+    assert str(info.value).startswith(f"MLFLOW_TRACKING_URI={uri.replace('alice:hunter2@', '').rstrip('/')}: the "
+                                      "MLflow server does not answer")
+    assert "hunter2" not in str(info.value) and "alice" not in str(info.value)

@@ -122,13 +122,19 @@ def test_run_ends_failed_or_killed(workdir: Path, error: BaseException, status: 
 
 @pytest.mark.slow  # processes of their own that import MLflow
 def test_sigterm_ends_the_run_as_killed(tmp_path: Path) -> None:
+    """In a stage, as every stage runs (errors.run_stage: the one SIGTERM path)."""
     code = textwrap.dedent("""
         import time
         from mnist_pipeline import tracking
+        from mnist_pipeline.errors import run_stage
         from mnist_pipeline.store import resolve_store
-        with tracking.tracked_run(experiment_id=tracking.configure(resolve_store(), "mnist")):
-            print("running", flush=True)
-            time.sleep(60)
+
+        def main():
+            with tracking.tracked_run(experiment_id=tracking.configure(resolve_store(), "mnist")):
+                print("running", flush=True)
+                time.sleep(60)
+
+        run_stage(main)
     """)
     process = python(code, tmp_path, DVC_ROOT=str(tmp_path))
     while (line := process.stdout.readline()) and line.strip() != "running":
