@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +38,7 @@ POLL_S = 0.5
 START_TIMEOUT_S = 60
 CURVES = ("train_acc", "train_loss", "val_acc")
 TRAINING_TAG = "training"  # what the helper last knew of the training: running, trained, failed, killed
+LIVE_FOLDER_PREFIX = "mnist-live-"  # then the training's pid: a folder whose process is gone is a left-over
 PROJECT = str(Path(__file__).resolve().parents[1])  # where the helper imports this package from, whatever the cwd
 
 
@@ -105,6 +107,20 @@ class LiveRun:
         os.environ.pop(REPORTS_ENV, None)
 
 
+def live_folders() -> Path:
+    """Where the live runs' report files go: the repo's DVC temp folder (DVC_ROOT's, so a --temp or queued
+    experiment's too), else the system's; left-overs of trainings killed with everything (SIGKILL of the whole
+    tree) are removed here, by the next training, once the process that made them is gone."""
+    dvc_tmp = Path(os.environ.get("DVC_ROOT") or os.getcwd()) / ".dvc" / "tmp"
+    parent = dvc_tmp if dvc_tmp.parent.is_dir() else Path(tempfile.gettempdir())
+    parent.mkdir(exist_ok=True)
+    for stale in parent.glob(f"{LIVE_FOLDER_PREFIX}*-*"):
+        pid = stale.name.removeprefix(LIVE_FOLDER_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    return parent
+
+
 @contextmanager
 def live_run(experiment: str, outputs: list[Path], params: dict[str, object],
              tags: dict[str, str]) -> Iterator[LiveRun | None]:
@@ -116,7 +132,7 @@ def live_run(experiment: str, outputs: list[Path], params: dict[str, object],
     if os.environ.get(SWITCH_ENV, "").lower() == "off":
         yield None
         return
-    with tempfile.TemporaryDirectory(prefix="mnist-live-") as folder:
+    with tempfile.TemporaryDirectory(prefix=f"{LIVE_FOLDER_PREFIX}{os.getpid()}-", dir=live_folders()) as folder:
         live = LiveRun.start(experiment, outputs, params, tags, Path(folder) / "reports.jsonl")
         if isinstance(live, str):
             print(f"train: no live curves in MLflow ({live}); record logs them with the result", file=sys.stderr)

@@ -65,6 +65,17 @@ def watched_training(experiment_id: str, model_sha256: str, params: dict[str, ob
     return next((r for r in runs if RESULT_KEY_TAG not in r.data.tags and r.data.params == flat), None)
 
 
+def mark_repeat(client: mlflow.MlflowClient, live: mlflow.entities.Run, found: mlflow.entities.Run) -> None:
+    """End the run that watched a training whose result was recorded before: KILLED, `training: repeat` and
+    `repeat_of` the result's run, so that nobody takes it for a second result. Nothing is deleted: on a team
+    server deleting a run takes the admin, and a teammate's record must complete with EDIT alone."""
+    note = (f"This training made the bytes of a result recorded before, in run {found.info.run_id} "
+            f"('{found.info.run_name}'): that run is the result's; this one keeps the curves of the repeat.")
+    client.log_batch(live.info.run_id, tags=[RunTag(TRAINING_TAG, "repeat"), RunTag("repeat_of", found.info.run_id),
+                                             RunTag("mlflow.note.content", note)])
+    client.set_terminated(live.info.run_id, "KILLED")
+
+
 def model_files_present(run: mlflow.entities.Run) -> bool:
     """Whether the registered version a run points at can still be loaded (a deleted mlartifacts/ cannot)."""
     name, _, version = run.data.tags.get("model.version", "").partition("/")
@@ -151,9 +162,9 @@ def record(result: Result, params: Params, store: Store, tags: dict[str, str], r
                 client.set_tag(found.info.run_id, NAMES_TAG, "\n".join([*names, entry]))
             lines = [f"record: already recorded as run '{found.info.run_name}' ({found.info.run_id}) in {store.uri}"]
             if live is not None:  # it watched a training that made a result recorded before: not a second run of it
-                client.delete_run(live.info.run_id)
-                lines.append(f"record: run {live.info.run_id}, which watched this training, deleted "
-                             f"(`mlflow runs restore --run-id {live.info.run_id}` brings it back)")
+                mark_repeat(client, live, found)
+                lines.append(f"record: run {live.info.run_id}, which watched this training, ended KILLED as a "
+                             f"repeat of run {found.info.run_id} (the same bytes: one run per result)")
             return lines
         run_tags = {
             **tags, **trained_on(result.trained_on, model_sha256), RESULT_KEY_TAG: key, NAMES_TAG: entry,

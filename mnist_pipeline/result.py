@@ -13,14 +13,15 @@ from pathlib import Path
 
 from mnist_pipeline.files import sha256_file
 from mnist_pipeline.params import Params, flatten
-from mnist_pipeline.store import USERNAME_ENV
+from mnist_pipeline.store import account
 
 RESULT_KEY_TAG = "result_key"
 # Every DVC name a result was recorded under, a line each: "<baseline commit> <experiment>" or
 # "<commit> workspace". One run per result: an experiment that reproduces another's bytes adds its name here.
 NAMES_TAG = "dvc.names"
 WORKSPACE_RUN_NAME = "workspace"
-# The tracking server login that recorded a run (MLflow's own mlflow.user is the computer's user).
+# Who recorded a run (store.account): the tracking server login, else the computer's user (MLflow's own mlflow.user
+# is always the computer's, and runs made by MlflowClient, as the live run is, have none).
 ACCOUNT_TAG = "account"
 
 
@@ -95,8 +96,7 @@ def run_tags(outputs: list[Path]) -> dict[str, str]:
         tags["mlflow.note.content"] = f"`dvc repro` in the workspace at commit `{commit[:7] or 'none'}`."
     if baseline:
         tags["dvc.exp_baseline_rev"] = baseline
-    if os.environ.get(USERNAME_ENV):
-        tags[ACCOUNT_TAG] = os.environ[USERNAME_ENV]
+    tags[ACCOUNT_TAG] = account()  # on every run: the live run, a failed training's, record's
     return tags
 
 

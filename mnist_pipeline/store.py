@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import getpass
 import os
 import shutil
 import sqlite3
@@ -144,6 +145,13 @@ def check_server(store: Store, timeout: float = 10) -> None:
             "start it, or unset MLFLOW_TRACKING_URI to record in the repo's mlflow.db"
         ) from None
     _check_login(store, timeout)
+
+
+def account() -> str:
+    """Who records, as every run says (tag `account`) and tools.gone_runs picks runs by: the tracking server login
+    (MLFLOW_TRACKING_USERNAME, else the user in MLFLOW_TRACKING_URI), else this computer's user."""
+    uri_user = urllib.parse.urlsplit(os.environ.get("MLFLOW_TRACKING_URI", "")).username
+    return os.environ.get(USERNAME_ENV) or (urllib.parse.unquote(uri_user) if uri_user else getpass.getuser())
 
 
 def login_environ(store: Store) -> dict[str, str]:

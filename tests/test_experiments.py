@@ -252,10 +252,12 @@ def test_sigkill_during_training_then_a_forced_repro_reproduces_every_byte(repo:
     assert all(f"Running stage '{s}'" in out for s in ("download", "split", "train", "evaluate", "plot", "record"))
     assert_clean(repo)  # the same bytes as the baseline's run, which was never stopped
     assert "Data and pipelines are up to date." in dvc(repo, "repro").stdout
-    # The same result, recorded already: no new run but the killed training's.
+    # The same result, recorded already: no new FINISHED run; the killed training's run, and the forced one's,
+    # which ended as a repeat of the result's run.
     assert "record: already recorded as run 'workspace' (" in out
     new_runs = [r for r in mlflow_runs(repo) if r.info.run_id not in runs_before]
-    assert [r.info.status for r in new_runs] == ["KILLED"]
+    assert sorted((r.info.status, r.data.tags["training"]) for r in new_runs) == [("KILLED", "killed"),
+                                                                                 ("KILLED", "repeat")]
 
 
 def test_bad_params_through_dvc_repro_change_nothing(repo: Path) -> None:

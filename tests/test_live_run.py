@@ -137,7 +137,9 @@ def in_process(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     importlib.import_module(f"stages.{name}").main()
 
 
-def test_a_retraining_of_a_recorded_result_leaves_one_run(pipeline: Path, monkeypatch, capsys) -> None:
+def test_a_retraining_of_a_recorded_result_leaves_one_finished_run_and_deletes_none(
+    pipeline: Path, monkeypatch, capsys
+) -> None:
     (first,) = runs(pipeline)
     in_process("train", monkeypatch)  # the same bytes again, watched by a new run
     (pipeline / STAGE_ARGS["record"][-1]).unlink()
@@ -145,8 +147,15 @@ def test_a_retraining_of_a_recorded_result_leaves_one_run(pipeline: Path, monkey
     in_process("record", monkeypatch)
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"record: already recorded as run 'workspace' ({first.info.run_id})")
-    assert lines[1].startswith("record: run ") and "which watched this training, deleted" in lines[1]
-    assert [r.info.run_id for r in runs(pipeline)] == [first.info.run_id]
+    (repeat,) = [r for r in runs(pipeline) if r.info.run_id != first.info.run_id]
+    assert lines[1] == (f"record: run {repeat.info.run_id}, which watched this training, ended KILLED as a repeat "
+                        f"of run {first.info.run_id} (the same bytes: one run per result)")
+    assert repeat.info.status == "KILLED" and repeat.data.tags["training"] == "repeat"
+    assert repeat.data.tags["repeat_of"] == first.info.run_id and "result_key" not in repeat.data.tags
+    assert [r.info.run_id for r in runs(pipeline) if r.info.status == "FINISHED"] == [first.info.run_id]
+    (pipeline / STAGE_ARGS["record"][-1]).unlink()  # record again: nothing waits for it, nothing changes
+    in_process("record", monkeypatch)
+    assert capsys.readouterr().out.splitlines() == lines[:1]
 
 
 def test_live_curves_off_trains_the_same_and_record_makes_the_run(pipeline: Path, monkeypatch) -> None:
@@ -186,3 +195,20 @@ def test_a_store_that_never_answers_delays_the_training_by_the_start_limit_alone
         connection.close()
     assert answer == "the store made no run within 5 s" and 5 <= waited < 15, (answer, waited)
     assert live_run.REPORTS_ENV not in os.environ
+
+
+def test_report_folders_left_by_trainings_killed_with_everything_go_with_the_next_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In the repo's DVC temp folder (DVC_ROOT's): a left-over whose process is gone is removed, a running
+    training's folder is kept."""
+    (tmp_path / ".dvc").mkdir()
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left_over = tmp_path / ".dvc/tmp" / f"{live_run.LIVE_FOLDER_PREFIX}{dead.stdout.strip()}-abc"
+    running = tmp_path / ".dvc/tmp" / f"{live_run.LIVE_FOLDER_PREFIX}{os.getpid()}-def"
+    for folder in (left_over, running):
+        folder.mkdir(parents=True)
+        (folder / "reports.jsonl").write_text("{}\n")
+    assert live_run.live_folders() == tmp_path / ".dvc/tmp"
+    assert not left_over.exists() and running.exists()

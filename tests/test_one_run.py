@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import getpass
 import io
 import json
 import os
@@ -118,6 +119,15 @@ def test_every_listed_experiment_has_a_run_found_by_dvc_metric_names_and_gone_on
                    env=project_env(MLFLOW_TRACKING_URI=f"sqlite:///{repo / 'mlflow.db'}"), check=True,
                    capture_output=True)
     assert runs(repo, "to-remove")
+
+    # A run that watched a training (its live run, which record completed) carries this account too, so the
+    # default, this account's runs, finds it once its experiment is gone.
+    dvc(repo, "exp", "run", "--temp", "-n", "trained", "-S", "train.lr=0.00123")
+    dvc(repo, "exp", "remove", "trained")
+    (trained,) = runs(repo, "trained")
+    assert trained.data.tags["training"] == "trained" and trained.data.tags["account"] == getpass.getuser()
+    listed = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, check=True)
+    assert f"{trained.info.run_id}  trained  FINISHED" in listed.stdout.splitlines(), listed.stdout
 
 
 def test_mlflow_shows_an_experiment_running_with_its_curves_then_one_run_and_a_plot_only_one_is_its_own(

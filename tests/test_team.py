@@ -399,22 +399,30 @@ def test_a_wrong_or_missing_login_fails_in_one_line_before_training(team: Team, 
     assert "Iteration" not in result.stdout and "Running stage 'evaluate'" not in result.stdout
 
 
-def test_a_login_in_the_tracking_uri_or_the_remote_url_shows_in_no_output(team: Team, baseline: Path,
-                                                                         tmp_path: Path) -> None:
-    """docs/team.md's other way to log in, the account in MLFLOW_TRACKING_URI itself: the result is recorded and
-    no line of DVC's or the stages' output shows the password; nor does a DVC remote's URL with one in it."""
+def test_a_login_in_the_uri_shows_nowhere_and_a_non_admin_records_a_repeated_training(team: Team, baseline: Path,
+                                                                                      tmp_path: Path) -> None:
+    """docs/team.md's other way to log in, the account in MLFLOW_TRACKING_URI itself: results are recorded and
+    no line of DVC's or the stages' output shows the password; nor does a DVC remote's URL with one in it. A
+    training that repeats a recorded result ends its run KILLED as a repeat: alice (EDIT, no delete) records it."""
     mine = copy_workdir(baseline, tmp_path / "mine")
     password = PASSWORDS["alice"]
     uri = team.url.replace("http://", f"http://alice:{password}@")
     use_remote(mine, f"http://alice:{password}@127.0.0.1:{free_port()}/store")  # nothing listens there
     outputs = []
-    for command in (["exp", "run", "-n", "login-in-uri", "-S", "train.lr=0.0042"], ["push"]):
+    # An experiment, the same training again (its result recorded before: a repeat, which alice, who may not
+    # delete runs, still records), and a push to the remote whose URL holds a password.
+    for command in (["exp", "run", "-n", "login-in-uri", "-S", "train.lr=0.0042"], ["repro", "-f", "-s", "train"],
+                    ["repro"], ["push"]):
         result = subprocess.run([sys.executable, "-m", "dvc", *command], cwd=mine,
                                 env=project_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True)
         outputs.append(result.stdout + result.stderr)
-        assert (result.returncode == 0) == (command[0] == "exp"), outputs[-1]
+        assert (result.returncode == 0) == (command[0] != "push"), outputs[-1]
     assert "record: MLflow run 'login-in-uri'" in outputs[0] and f"in {team.url}," in outputs[0], outputs[0]
-    assert "failed to push" in outputs[1], outputs[1]
+    first = re.search(r"record: MLflow run 'login-in-uri' \((\w+)\)", outputs[0])[1]
+    assert f"record: already recorded as run 'login-in-uri' ({first})" in outputs[2], outputs[2]
+    assert re.search(rf"record: run \w+, which watched this training, ended KILLED as a repeat of run {first} ",
+                     outputs[2]), outputs[2]
+    assert "failed to push" in outputs[3], outputs[3]
     for output in outputs:
         assert password not in output and "alice:" not in output, output
 

@@ -9,8 +9,6 @@ unless --all-accounts says otherwise; a tracking server is only touched with --t
 from __future__ import annotations
 
 import argparse
-import getpass
-import os
 import subprocess
 import sys
 import time
@@ -21,7 +19,7 @@ from mnist_pipeline import tracking
 from mnist_pipeline.errors import PipelineError, run_stage, text_lines
 from mnist_pipeline.params import load_params
 from mnist_pipeline.result import ACCOUNT_TAG, NAMES_TAG, WORKSPACE_RUN_NAME, git
-from mnist_pipeline.store import USERNAME_ENV, resolve_store
+from mnist_pipeline.store import account as store_account, resolve_store
 
 GONE_NOTE = (
     "DVC experiment `{name}` no longer exists (removed with `dvc exp remove`, or it failed in a temporary "
@@ -120,7 +118,7 @@ def main() -> None:
         raise PipelineError(f"{store.uri} is a tracking server, which holds the whole team's runs: rerun with "
                             "--team-server to mark (or with --delete, delete) the gone ones of this account there")
     experiments = local_experiments() | remote_experiments()
-    account = None if args.all_accounts else os.environ.get(USERNAME_ENV) or getpass.getuser()
+    account = None if args.all_accounts else store_account()
     with tracking.store_errors(store, "fix the store and run this again"):
         experiment_id = tracking.configure(store, params.mlflow.experiment)
         client = mlflow.MlflowClient()
