@@ -412,7 +412,7 @@ def test_a_login_in_the_uri_shows_nowhere_and_a_non_admin_records_a_repeated_tra
     # An experiment, the same training again (its result recorded before: a repeat, which alice, who may not
     # delete runs, still records), and a push to the remote whose URL holds a password.
     for command in (["exp", "run", "-n", "login-in-uri", "-S", "train.lr=0.0042"], ["repro", "-f", "-s", "train"],
-                    ["repro"], ["push"]):
+                    ["repro", "-f", "-s", "record"], ["push"]):
         result = subprocess.run([sys.executable, "-m", "dvc", *command], cwd=mine,
                                 env=project_env(MLFLOW_TRACKING_URI=uri), capture_output=True, text=True)
         outputs.append(result.stdout + result.stderr)
