@@ -405,6 +405,10 @@ def test_a_login_in_the_uri_shows_nowhere_and_a_non_admin_records_a_repeated_tra
     no line of DVC's or the stages' output shows the password; nor does a DVC remote's URL with one in it. A
     training that repeats a recorded result ends its run KILLED as a repeat: alice (EDIT, no delete) records it."""
     mine = copy_workdir(baseline, tmp_path / "mine")
+    # An MLflow experiment and registered model of its own: the other tests count the runs and versions of theirs.
+    params = yaml.safe_load((mine / "params.yaml").read_text())
+    params["mlflow"].update(experiment="login-in-uri", registered_model="login-in-uri-cnn")
+    (mine / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     password = PASSWORDS["alice"]
     uri = team.url.replace("http://", f"http://alice:{password}@")
     use_remote(mine, f"http://alice:{password}@127.0.0.1:{free_port()}/store")  # nothing listens there
