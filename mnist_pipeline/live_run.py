@@ -178,6 +178,11 @@ def _helper(reports: Path) -> None:
         print(f"error {' '.join(str(err).split())}", flush=True)
         return
     print(f"ready {run.info.run_id} {name}", flush=True)
+    # Nothing more goes to the stage. MLflow prints "View run ... at" as it ends a run on a tracking server, before
+    # it writes the status: into this pipe, whose reader a killed stage took with it, that would raise
+    # BrokenPipeError and leave the run RUNNING for good.
+    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of this process
+    os.dup2(sys.stdout.fileno(), 1)
     done, read = 0, ""
 
     def drain() -> None:

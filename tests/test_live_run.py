@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from mnist_pipeline import live_run
-from tests.conftest import REPO, copy_workdir, pipeline_commands, project_env
+from tests.conftest import REPO, copy_workdir, free_port, get_json, pipeline_commands, project_env, serving
 from tests.test_faults import runs, snapshot
 
 STAGE_ARGS = pipeline_commands()
@@ -123,6 +123,37 @@ def test_sigterm_stops_a_training_without_live_curves_in_one_line_keeping_the_ou
                                             "left as they were"), err
     assert "Traceback" not in err
     assert snapshot(pipeline) == before and runs(pipeline)[0].info.status == "FINISHED"  # the recorded one
+
+
+@pytest.mark.slow  # `mlflow server` and a training, each in a process of its own
+def test_a_training_killed_under_a_tracking_server_leaves_its_run_killed(pipeline: Path, tmp_path: Path) -> None:
+    """SIGKILL of the train stage, recording to a real `mlflow server`: MLflow prints its "View run" line to the
+    helper's stdout as it ends a run there; with that pipe's reader dead, the line must not cost the run its end."""
+    train_long(pipeline)
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers",
+               "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+               "--artifacts-destination", str(tmp_path / "server-artifacts")]
+    with serving(["timeout", "600", *command], port, "/health", tmp_path, project_env()) as base:
+        process = subprocess.Popen([sys.executable, "-m", "stages.train", *STAGE_ARGS["train"]], cwd=pipeline,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=project_env(PYTHONPATH=str(REPO), DVC_ROOT=str(pipeline),
+                                                   PYTHONUNBUFFERED="1", MLFLOW_TRACKING_URI=base))
+        try:
+            while (line := process.stdout.readline()) and "Iteration 8 statistics" not in line:
+                pass
+            assert line, process.stderr.read()
+            process.kill()  # the stage alone, as an OOM kill would: the helper, in its own session, lives on
+            process.wait()
+            search = f"{base}/api/2.0/mlflow/runs/search"
+            deadline = time.monotonic() + 60
+            while (run := get_json(search, {"experiment_ids": ["1"]})["runs"][0])["info"]["status"] == "RUNNING":
+                assert time.monotonic() < deadline, "the killed training's run stayed RUNNING"
+                time.sleep(0.5)
+        finally:
+            process.kill()
+    tags = {tag["key"]: tag["value"] for tag in run["data"]["tags"]}
+    assert run["info"]["status"] == "KILLED" and tags["training"] == "killed", run
 
 
 def subprocess_train(root: Path) -> subprocess.Popen[bytes]:
