@@ -105,25 +105,23 @@ def check_numbers(values: Iterable[object], where: str) -> None:
                          f"{', '.join(kinds)}")
 
 
-def paper_basis(height: int, width: int) -> np.ndarray:
-    """The smooth surfaces paper's shading is made of, over a height x width grid with corners at -1 and 1:
-    1, x, y, x^2, xy, y^2 (a gradient of light in any direction, a vignette, a page that curves)."""
-    y, x = np.meshgrid(np.linspace(-1, 1, height, dtype=np.float32), np.linspace(-1, 1, width, dtype=np.float32),
-                       indexing="ij")
-    return np.stack([np.ones_like(x), x, y, x * x, x * y, y * y]).reshape(6, -1)
-
-
 def paper_surface(coefficients: np.ndarray, height: int, width: int) -> np.ndarray:
-    """N x H x W: the papers that N x 6 `coefficients` weigh (`paper_basis`), summed by rows and columns: a
-    12-megapixel photo's basis would take 290 MB."""
+    """N x H x W: the papers that N x 6 `coefficients` weigh, of the smooth surfaces paper's shading is made of over
+    a grid with corners at -1 and 1: 1, x, y, x^2, xy, y^2 (a gradient of light in any direction, a vignette, a page
+    that curves). Summed by rows and columns: a 12-megapixel photo's six surfaces would take 290 MB."""
     y = np.linspace(-1, 1, height, dtype=np.float32)[None, :, None]
     x = np.linspace(-1, 1, width, dtype=np.float32)[None, None, :]
     c = coefficients.astype(np.float32)[:, :, None, None]
     return (c[:, 0] + c[:, 1] * x + c[:, 3] * x * x) + (c[:, 2] * y + c[:, 5] * y * y) + c[:, 4] * y * x
 
 
+def paper_basis(height: int, width: int) -> np.ndarray:
+    """6 x (H * W): each of `paper_surface`'s surfaces alone, for a fit on an image scaled down."""
+    return paper_surface(np.eye(6, dtype=np.float32), height, width).reshape(6, -1)
+
+
 def paper_fit(light_ink: np.ndarray) -> np.ndarray:
-    """N x 6: each image's paper as weights of `paper_basis`, fitted by least squares to the pixels that are not ink.
+    """N x 6: each image's paper as weights of `paper_surface`'s surfaces, fitted by least squares to the pixels that are not ink.
 
     Ink is the bright minority (the images are light ink on dark paper here): the first fit takes the pixels not
     above the image's mean, each next one those the last fit calls paper (`paper_pixels`), so a digit never lifts

@@ -66,9 +66,7 @@ def resolve_store(environ: dict[str, str] | None = None) -> Store:
     parts = urllib.parse.urlsplit(uri)
     scheme, uri = parts.scheme, without_login(uri)
     if scheme in ("http", "https"):
-        login = None if parts.username is None else (urllib.parse.unquote(parts.username),
-                                                     urllib.parse.unquote(parts.password or ""))
-        return Store(uri.rstrip("/"), login=login)
+        return Store(uri.rstrip("/"), login=uri_login(parts))
     if scheme == "sqlite":
         path = uri.removeprefix("sqlite:///")
         if path == uri or path in ("", ":memory:"):
@@ -150,8 +148,15 @@ def check_server(store: Store, timeout: float = 10) -> None:
 def account() -> str:
     """Who records, as every run says (tag `account`) and tools.gone_runs picks runs by: the tracking server login
     (MLFLOW_TRACKING_USERNAME, else the user in MLFLOW_TRACKING_URI), else this computer's user."""
-    uri_user = urllib.parse.urlsplit(os.environ.get("MLFLOW_TRACKING_URI", "")).username
-    return os.environ.get(USERNAME_ENV) or (urllib.parse.unquote(uri_user) if uri_user else getpass.getuser())
+    login = uri_login(urllib.parse.urlsplit(os.environ.get("MLFLOW_TRACKING_URI", "")))
+    return os.environ.get(USERNAME_ENV) or (login[0] if login else getpass.getuser())
+
+
+def uri_login(parts: urllib.parse.SplitResult) -> tuple[str, str] | None:
+    """The user and password a URI was given with (http://user:pw@host), decoded; None without a user."""
+    if parts.username is None:
+        return None
+    return urllib.parse.unquote(parts.username), urllib.parse.unquote(parts.password or "")
 
 
 def login_environ(store: Store) -> dict[str, str]:

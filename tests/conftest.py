@@ -542,6 +542,18 @@ def serving(command: list[str], port: int, ready_path: str, cwd: Path, env: dict
         log_path.unlink()
 
 
+@contextmanager
+def mlflow_server(folder: Path) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1, its store (server.db) and artifacts (server-artifacts/) in `folder`,
+    stopped after (by `timeout` too, should this process die first). Yields its base URL."""
+    port = free_port()
+    command = ["timeout", "1200", sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+               "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+               "--artifacts-destination", str(folder / "server-artifacts")]
+    with serving(command, port, "/health", folder, project_env()) as base:
+        yield base
+
+
 def get_json(url: str, body: dict | None = None) -> dict:
     """GET (or POST `body` as JSON to) a URL and decode the JSON answer."""
     data = None if body is None else json.dumps(body).encode()

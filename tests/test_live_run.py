@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from mnist_pipeline import live_run
-from tests.conftest import REPO, copy_workdir, free_port, get_json, pipeline_commands, project_env, serving
+from tests.conftest import REPO, copy_workdir, get_json, mlflow_server, pipeline_commands, project_env
 from tests.test_faults import runs, snapshot
 
 STAGE_ARGS = pipeline_commands()
@@ -130,11 +130,7 @@ def test_a_training_killed_under_a_tracking_server_leaves_its_run_killed(pipelin
     """SIGKILL of the train stage, recording to a real `mlflow server`: MLflow prints its "View run" line to the
     helper's stdout as it ends a run there; with that pipe's reader dead, the line must not cost the run its end."""
     train_long(pipeline)
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers",
-               "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-               "--artifacts-destination", str(tmp_path / "server-artifacts")]
-    with serving(["timeout", "600", *command], port, "/health", tmp_path, project_env()) as base:
+    with mlflow_server(tmp_path) as base:
         process = subprocess.Popen([sys.executable, "-m", "stages.train", *STAGE_ARGS["train"]], cwd=pipeline,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                    env=project_env(PYTHONPATH=str(REPO), DVC_ROOT=str(pipeline),

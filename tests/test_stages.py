@@ -6,7 +6,6 @@ The stages run once per test session (conftest's `built_pipeline`); each test he
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import mlflow
@@ -17,7 +16,7 @@ from mnist_pipeline import tracking
 from mnist_pipeline.data import MnistFile, load_mnist
 from mnist_pipeline.files import sha256_file
 from mnist_pipeline.store import resolve_store
-from tests.conftest import free_port, get_json, idx_bytes, project_env, run_pipeline, serving, tiny_arrays
+from tests.conftest import get_json, idx_bytes, mlflow_server, run_pipeline, tiny_arrays
 
 
 def test_stage_outputs(pipeline: Path) -> None:
@@ -78,11 +77,7 @@ def test_one_mlflow_run_holds_training_evaluation_and_figures(pipeline: Path) ->
 def test_tracking_uri_sends_everything_to_a_running_server(
     workdir: Path, tiny_mnist: tuple[Path, tuple[MnistFile, ...]], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    port = free_port()
-    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-               "--artifacts-destination", str(tmp_path / "server-artifacts")]
-    with serving(command, port, "/health", tmp_path, project_env()) as base:
+    with mlflow_server(tmp_path) as base:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", base)
         run_pipeline(*tiny_mnist, monkeypatch)
         api = f"{base}/api/2.0/mlflow"
