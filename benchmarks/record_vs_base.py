@@ -29,9 +29,9 @@ FILLER = """
 import sys, time
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
-from mnist_pipeline import tracking
-from mnist_pipeline.store import resolve_store
-experiment = tracking.configure(resolve_store(), "mnist")
+from mnist_pipeline.tracking import mlflow_store
+from mnist_pipeline.tracking.store import resolve_store
+experiment = mlflow_store.configure(resolve_store(), "mnist")
 client = mlflow.MlflowClient()
 now = int(time.time() * 1000)
 for i in range(int(sys.argv[1])):
@@ -62,7 +62,10 @@ def model_variants(folder: Path, count: int) -> list[Path]:
 
 def check_seconds(tree: Path, store_root: Path, env: dict[str, str]) -> float:
     """The store check train makes before training, in a process of its own as train has it."""
-    code = "from mnist_pipeline.store import check_store, resolve_store; check_store(resolve_store())"
+    code = ("try:\n    from mnist_pipeline.tracking.store import check_store, resolve_store\n"
+            "except ImportError:  # a base commit from before mnist_pipeline/tracking/\n"
+            "    from mnist_pipeline.store import check_store, resolve_store\n"
+            "check_store(resolve_store())")
     start = time.perf_counter()
     subprocess.run([sys.executable, "-c", code], cwd=tree, check=True, capture_output=True,
                    env={**env, "PYTHONPATH": str(tree), "DVC_ROOT": str(store_root)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sys
@@ -54,5 +55,10 @@ def run_stage(main: Callable[[], None]) -> None:
         sys.exit(f"error: {without_login(str(err))}")
     except KeyboardInterrupt as err:
         sys.exit(f"{interrupted(err)}: outputs not yet written are left as they were")
+    except BrokenPipeError:
+        # Whoever read the stage's output went away (`dvc repro | head`): Python's advice, stdout to /dev/null so
+        # that the exit's flush raises nothing more, and one line on stderr.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit("error: the stage's output was closed (broken pipe): outputs not yet written are left as they were")
     finally:
         signal.signal(signal.SIGTERM, previous)

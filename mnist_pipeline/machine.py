@@ -14,8 +14,12 @@ from pathlib import Path
 
 from mnist_pipeline.cpu_kernels import PINS, cpuinfo_field
 from mnist_pipeline.files import atomic_write_json
+from mnist_pipeline.tracking import tag
 
-NOT_KNOWN = {"machine.trained_on": "not known here: this model came from DVC's cache or remote"}
+NOT_KNOWN = {tag.MACHINE_TRAINED_ON: "not known here: this model came from DVC's cache or remote"}
+# The run that watches this training (tracking/live_run.py sets it; torchrun's processes inherit it): noted beside
+# the model, so that record completes that run, even one the store could not end when the training did.
+LIVE_RUN_ENV = "MNIST_LIVE_RUN_ID"
 
 
 def provenance() -> dict[str, str]:
@@ -27,27 +31,43 @@ def provenance() -> dict[str, str]:
                 for line in config if "Math Kernel Library" in line), "none")
     onednn = next((line.split("MKL-DNN", 1)[1].split("(")[0].strip() for line in config if "MKL-DNN" in line), "none")
     return {
-        "machine.cpu": cpuinfo_field("model name") or platform.processor() or platform.machine(),
-        "machine.cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "machine.kernel_pins": " ".join(f"{key}={os.environ.get(key, '(unset)')}" for key in PINS),
-        "machine.torch": torch.__version__,
-        "machine.mkl": mkl,
-        "machine.onednn": onednn,
-        "machine.python": platform.python_version(),
+        f"{tag.MACHINE}cpu": cpuinfo_field("model name") or platform.processor() or platform.machine(),
+        f"{tag.MACHINE}cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        f"{tag.MACHINE}kernel_pins": " ".join(f"{key}={os.environ.get(key, '(unset)')}" for key in PINS),
+        f"{tag.MACHINE}torch": torch.__version__,
+        f"{tag.MACHINE}mkl": mkl,
+        f"{tag.MACHINE}onednn": onednn,
+        f"{tag.MACHINE}python": platform.python_version(),
     }
 
 
 def write_trained_on(path: Path, model_sha256: str) -> None:
-    """Note this machine's tags for the model just trained."""
-    atomic_write_json(path, {"model_sha256": model_sha256, "tags": provenance()})
+    """Note this machine's tags for the model just trained, and the run that watched its training."""
+    atomic_write_json(path, {"model_sha256": model_sha256, "tags": provenance(),
+                             "live_run_id": os.environ.get(LIVE_RUN_ENV, "")})
+
+
+def _noted(path: Path, model_sha256: str) -> dict[str, object] | None:
+    """What train noted for this model file, or None (another model: from DVC's cache or remote, or none noted)."""
+    try:
+        noted = json.loads(path.read_text())
+        if noted["model_sha256"] == model_sha256:
+            return noted
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    return None
+
+
+def live_run_of(path: Path, model_sha256: str) -> str | None:
+    """The id of the MLflow run that watched this model's training here, if one did."""
+    noted = _noted(path, model_sha256)
+    return str(noted.get("live_run_id") or "") or None if noted else None
 
 
 def trained_on(path: Path, model_sha256: str) -> dict[str, str]:
     """The tags of the machine that trained this model here, or a tag saying it is not known."""
+    noted = _noted(path, model_sha256)
     try:
-        noted = json.loads(path.read_text())
-        if noted["model_sha256"] == model_sha256:
-            return {str(key): str(value) for key, value in noted["tags"].items()}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        pass
-    return dict(NOT_KNOWN)
+        return {str(key): str(value) for key, value in noted["tags"].items()}  # type: ignore[index, union-attr]
+    except (KeyError, TypeError, AttributeError):
+        return dict(NOT_KNOWN)

@@ -18,12 +18,12 @@ from mnist_pipeline.data import load_mnist
 from mnist_pipeline.digits import deskew, to_tensor
 from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.files import atomic_write_bytes, sha256_file
-from mnist_pipeline.live_run import append_report, live_run
 from mnist_pipeline.machine import provenance, write_trained_on
 from mnist_pipeline.model import Net
 from mnist_pipeline.params import PARAMS_FILE, Params, ParamsError, flatten
 from mnist_pipeline.reports import LogRow, TrainSummary, read_split, train_split_size, write_summary, write_train_log
-from mnist_pipeline.store import resolve_store
+from mnist_pipeline.tracking.live_run import append_report, live_run
+from mnist_pipeline.tracking.store import resolve_store
 from mnist_pipeline.training import check_learned, make_deterministic, state_dict_bytes, train
 
 PROGRESS_EVERY_S = 5.0
@@ -105,7 +105,7 @@ def launch(module: str, args: list[str], files: TrainFiles, params: Params, devi
                 live.end("FAILED", str(err))
                 where = f"{live.where()} is marked FAILED"
             else:
-                from mnist_pipeline.recording import record_failed_training  # MLflow only for a failure to record
+                from mnist_pipeline.tracking.recording import record_failed_training  # MLflow only for a failure to record
 
                 where = record_failed_training(resolve_store(), params, files.outputs(), str(err), tags)
             raise PipelineError(f"train: {err}; {where}; the outputs are left as they were") from None

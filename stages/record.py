@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mnist_pipeline import store as stores
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.files import atomic_write_text, sha256_file
-from mnist_pipeline.params import Params, load_params
-from mnist_pipeline.result import NAMES_TAG, RESULT_KEY_TAG, Result, names_entry, result_key, run_tags
+from mnist_pipeline.machine import live_run_of
+from mnist_pipeline.params import load_params
 from mnist_pipeline.served_package import served_code_sha256, served_config
+from mnist_pipeline.tracking import store as stores
+from mnist_pipeline.tracking.recorded import recorded_locally
+from mnist_pipeline.tracking.result import Result, names_entry, result_key, run_tags
 
 # DVC reruns this stage when the file is missing (a fresh clone); its content never changes, so dvc.lock doesn't.
 MARKER_TEXT = "This workspace's result is recorded in MLflow. Delete this file to record it again.\n"
@@ -23,21 +25,6 @@ ARGUMENTS = (("raw", "folder of the MNIST IDX files (the model's input example)"
              ("predictions", "evaluate's predictions (CSV)"), ("figures", "plot's folder of figures"),
              ("trained-on", "the training machine's tags, from train (JSON)"),
              ("marker", "written once the result is recorded"))
-
-
-def recorded_before(store: stores.Store, params: Params, result: Result, key: str, entry: str) -> str | None:
-    """The line saying so, when a local store holds this result's run under this name, its model loadable, and no
-    training of it waits for record: read from the SQLite file alone, without MLflow's start-up (seconds)."""
-    if store.database is None:
-        return None
-    found = stores.recorded_run(store.database, params.mlflow.experiment, RESULT_KEY_TAG, key, NAMES_TAG)
-    if found is None:
-        return None
-    run_id, run_name, names, version = found
-    if entry not in names or not stores.version_loadable(store.database, version) or stores.training_awaits_record(
-            store.database, params.mlflow.experiment, sha256_file(result.model)):
-        return None  # something to write: MLflow's way
-    return f"record: already recorded as run '{run_name}' ({run_id}) in {store.uri}"
 
 
 def main() -> None:
@@ -52,13 +39,17 @@ def main() -> None:
     stores.check_store(store)
     tags = run_tags([result.raw, result.model, *result.reports(), result.figures, marker])
     key = result_key(params, result, served_code_sha256(served_config(params)))
-    quick = recorded_before(store, params, result, key, names_entry(tags))
+    live_run_id = live_run_of(result.trained_on, sha256_file(result.model))
+    quick = None if store.database is None else recorded_locally(
+        store.database, params.mlflow.experiment, key, names_entry(tags), live_run_id)
     if quick is not None:
-        print(quick)
+        print(f"record: already recorded as run '{quick.name}' ({quick.run_id}) in {store.uri}")
     else:
-        from mnist_pipeline.recording import record  # MLflow, only when there is something to write
+        from mnist_pipeline.tracking.recording import (
+            record,  # MLflow, only when there is something to write
+        )
 
-        for line in record(result, params, store, tags, RETRY, key):
+        for line in record(result, params, store, tags, RETRY, key, live_run_id):
             print(line)
     atomic_write_text(marker, MARKER_TEXT)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from mnist_pipeline import distributed, train_job
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.params import load_params
-from mnist_pipeline.store import check_store, resolve_store
+from mnist_pipeline.tracking.store import check_store, resolve_store
 from mnist_pipeline.training import select_device
 from stages import say_kernel_notes
 

@@ -543,10 +543,11 @@ def serving(command: list[str], port: int, ready_path: str, cwd: Path, env: dict
 
 
 @contextmanager
-def mlflow_server(folder: Path) -> Iterator[str]:
-    """A real `mlflow server` on 127.0.0.1, its store (server.db) and artifacts (server-artifacts/) in `folder`,
-    stopped after (by `timeout` too, should this process die first). Yields its base URL."""
-    port = free_port()
+def mlflow_server(folder: Path, port: int | None = None) -> Iterator[str]:
+    """A real `mlflow server` on 127.0.0.1 (on `port`, else a free one), its store (server.db) and artifacts
+    (server-artifacts/) in `folder`, stopped after (by `timeout` too, should this process die first). Yields its base
+    URL. Started again on the same folder and port, it is the same store."""
+    port = port or free_port()
     command = ["timeout", "1200", sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
                "--artifacts-destination", str(folder / "server-artifacts")]

@@ -15,7 +15,7 @@ import yaml
 
 from benchmarks.pipeline_times import LOOP_DONE, plot_only_values, stage_seconds
 from benchmarks.recipes import FAST_RECIPE, peer_ratios
-from mnist_pipeline import live_run
+from mnist_pipeline.tracking import live_run
 from stages import train
 from tests.conftest import committed_params, doc_block, pipeline_commands
 

@@ -1,4 +1,4 @@
-"""The run that watches a training (mnist_pipeline/live_run.py), with the real stages on the tiny data."""
+"""The run that watches a training (mnist_pipeline/tracking/live_run.py), with the real stages on the tiny data."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import mlflow
 import pytest
 import yaml
 
-from mnist_pipeline import live_run
+from mnist_pipeline.tracking import live_run
 from tests.conftest import REPO, copy_workdir, get_json, mlflow_server, pipeline_commands, project_env
 from tests.test_faults import runs, snapshot
 
@@ -239,3 +239,26 @@ def test_report_folders_left_by_trainings_killed_with_everything_go_with_the_nex
         (folder / "reports.jsonl").write_text("{}\n")
     assert live_run.live_folders() == tmp_path / ".dvc/tmp"
     assert not left_over.exists() and running.exists()
+
+
+@pytest.mark.slow  # a training in a process of its own
+def test_a_training_whose_output_is_closed_ends_its_run_with_the_cause(pipeline: Path) -> None:
+    """`dvc repro | head -3`, say: the reader of the stage's output goes away mid-training. The training stops on
+    its next line, and its run ends FAILED with the cause, not RUNNING."""
+    train_long(pipeline)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "stages.train", *STAGE_ARGS["train"]], cwd=pipeline, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+        env=project_env(PYTHONPATH=str(REPO), DVC_ROOT=str(pipeline), PYTHONUNBUFFERED="1"),
+    )
+    try:
+        while (line := process.stdout.readline()) and "Iteration 8 statistics" not in line:
+            pass
+        process.stdout.close()  # the reader is gone
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode != 0
+    watched = runs(pipeline)[0]
+    assert watched.info.status in ("FAILED", "KILLED") and "Broken pipe" in watched.data.tags["failure"], err
+    assert watched.data.tags["training"] in ("failed", "killed") and "val_acc" in watched.data.metrics

@@ -16,12 +16,12 @@ import pytest
 import yaml
 from mlflow.entities import LoggedModelStatus
 
-from mnist_pipeline import live_run
 from mnist_pipeline.data import load_mnist
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.params import load_params
 from mnist_pipeline.served_package import served_config
-from mnist_pipeline.store import resolve_store
+from mnist_pipeline.tracking import live_run
+from mnist_pipeline.tracking.store import resolve_store
 from stages import plot, record, train
 from tests.conftest import REPO, pipeline_commands
 from tests.test_faults import snapshot
@@ -127,16 +127,20 @@ def test_a_registered_version_whose_files_are_gone_is_logged_again_and_uncrowned
     lost = mlflow.MlflowClient().get_model_version("mnist-cnn", "1")
     assert "train.best_val_acc" not in lost.tags and "version 2 holds the same model" in lost.tags["files_lost"]
 
-    # One run for the result: the one whose model cannot load is deleted (restorably), its replacement stays.
-    (kept,) = runs()
-    assert kept.data.tags["model.version"] == "mnist-cnn/2" and "lost its model files: deleted" in checked.out
+    # One run for the result: the one whose model cannot load stays (deleting a run takes a team server's admin), no
+    # longer tagged with the result's key; its replacement holds it.
+    old, kept = runs()
+    assert kept.data.tags["model.version"] == "mnist-cnn/2" and kept.data.tags["result_key"]
+    assert "result_key" not in old.data.tags and old.data.tags["replaced_by"] == kept.info.run_id
+    assert old.data.tags["replaced_result_key"] == kept.data.tags["result_key"]
+    assert f"lost its model files: tagged replaced_by={kept.info.run_id}" in checked.out
 
     (done / MARKER).unlink()  # the same result again: recorded already, version 2 is whole
     record_main(monkeypatch)
     again = capsys.readouterr()
     assert "lost their files" not in again.err
     assert again.out == f"record: already recorded as run 'workspace' ({kept.info.run_id}) in {resolve_store().uri}\n"
-    assert [r.info.run_id for r in runs()] == [kept.info.run_id]
+    assert [r.info.run_id for r in runs()] == [old.info.run_id, kept.info.run_id]
 
 
 def champion() -> tuple[str, float]:

@@ -12,10 +12,10 @@ import mlflow
 import numpy as np
 import pytest
 
-from mnist_pipeline import tracking
 from mnist_pipeline.data import MnistFile, load_mnist
 from mnist_pipeline.files import sha256_file
-from mnist_pipeline.store import resolve_store
+from mnist_pipeline.tracking import mlflow_store, tag
+from mnist_pipeline.tracking.store import resolve_store
 from tests.conftest import get_json, idx_bytes, mlflow_server, run_pipeline, tiny_arrays
 
 
@@ -44,13 +44,13 @@ def test_stage_outputs(pipeline: Path) -> None:
 
 
 def test_one_mlflow_run_holds_training_evaluation_and_figures(pipeline: Path) -> None:
-    experiment_id = tracking.configure(resolve_store(), "mnist")
+    experiment_id = mlflow_store.configure(resolve_store(), "mnist")
     assert mlflow.get_tracking_uri() == f"sqlite:///{pipeline / 'mlflow.db'}"
     runs = mlflow.search_runs([experiment_id], output_format="list")
     assert len(runs) == 1
     run = runs[0]
     assert run.info.status == "FINISHED"
-    assert run.data.tags[tracking.MODEL_TAG] == sha256_file("models/model.pt")
+    assert run.data.tags[tag.MODEL_SHA256] == sha256_file("models/model.pt")
     assert run.data.params["train.batch_size"] == "32" and run.data.params["seed"] == "42"
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val_acc")
     assert [m.step for m in history] == [4, 8, 12]

@@ -12,8 +12,8 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from mnist_pipeline import store, tracking
-from mnist_pipeline.store import StoreError, check_store, resolve_store
+from mnist_pipeline.tracking import mlflow_store, store
+from mnist_pipeline.tracking.store import StoreError, check_store, resolve_store
 from tests.conftest import free_port, mounted
 
 
@@ -55,8 +55,8 @@ def test_stores_that_would_lose_runs_are_refused(root: Path, uri: str, words: st
 def test_a_run_from_a_temporary_copy_lands_in_the_root_store(root: Path) -> None:
     """What `dvc exp run --temp` does with MLFLOW_TRACKING_URI=sqlite:///mlflow.db exported."""
     found = resolve_store({"MLFLOW_TRACKING_URI": "sqlite:///mlflow.db"})
-    experiment_id = tracking.configure(found, "mnist")
-    with tracking.tracked_run(experiment_id=experiment_id) as run:
+    experiment_id = mlflow_store.configure(found, "mnist")
+    with mlflow_store.tracked_run(experiment_id=experiment_id) as run:
         Path("figure.png").write_bytes(b"png")
         mlflow.log_artifact("figure.png")
     assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(root / "mlartifacts")
@@ -72,7 +72,7 @@ def set_up_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("set-up-store")
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("MLFLOW_TRACKING_URI", raising=False)  # mlflow.set_tracking_uri exports it; undone on leaving
-        tracking.configure(resolve_store({"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}), "mnist")
+        mlflow_store.configure(resolve_store({"MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}"}), "mnist")
     return folder / "mlflow.db"
 
 

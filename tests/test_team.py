@@ -14,6 +14,7 @@ import json
 import os
 import pwd
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -33,12 +34,13 @@ import yaml
 from mnist_pipeline.data import load_mnist
 from mnist_pipeline.digits import to_tensor
 from mnist_pipeline.model import Net
-from tools.stage_commands import stage_commands
-from mnist_pipeline.store import StoreError, check_store, resolve_store
+from mnist_pipeline.tracking.store import StoreError, check_store, resolve_store
 from mnist_pipeline.training import load_state_dict
 from tests.conftest import (
-    REPO, copy_workdir, doc_commands, dvc, free_port, program, project_env, queue_workers, wait_for_queue,
+    REPO, copy_workdir, doc_block, doc_commands, dvc, free_port, program, project_env, queue_workers, wait_for_queue,
 )
+from tools.stage_commands import stage_commands
+from tools.team_server import TeamServer
 
 pytestmark = pytest.mark.slow
 PASSWORDS = {"admin": "admin-password-of-the-tests", "alice": "alice-password-of-the-tests",
@@ -696,3 +698,125 @@ def test_restarting_the_server_and_the_database_loses_nothing(team: Team, tmp_pa
         for key, value in team.env(user).items():
             monkeypatch.setenv(key, value)
         check_store(resolve_store())
+
+
+# ---- runs that end with their training -------------------------------------------------------------------------------
+def own_experiment(root: Path, name: str, **train: object) -> None:
+    """Params of a test's own: its MLflow experiment and registered model (the other tests count theirs), and its
+    training shrunk or grown as it needs."""
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["mlflow"].update(experiment=name, registered_model=f"{name}-cnn")
+    params["train"].update(train)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def experiment_runs(team: Team, name: str) -> list[mlflow.entities.Run]:
+    client = mlflow.MlflowClient(team.url)
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in team.env("admin").items():
+            patch.setenv(key, value)
+        experiment = client.get_experiment_by_name(name)
+        if experiment is None:
+            return []
+        return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+
+
+def wait_until(what: str, check, process: subprocess.Popen, timeout: float = 300) -> object:
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert process.poll() is None, f"the command ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.3)
+    return found
+
+
+def assert_one_finished_run_and_none_running(team: Team, name: str) -> list[mlflow.entities.Run]:
+    runs = experiment_runs(team, name)
+    assert [r.info.run_id for r in runs if r.info.status == "RUNNING"] == []
+    keys = [r.data.tags["result_key"] for r in runs if r.info.status == "FINISHED" and "result_key" in r.data.tags]
+    assert keys and len(keys) == len(set(keys)), [(r.info.status, r.data.tags) for r in runs]
+    return runs
+
+
+@pytest.mark.parametrize("stopped", ["PostgreSQL, back during the training", "the team server, back after it"])
+def test_a_store_stopped_mid_training_leaves_one_finished_run(team: Team, baseline: Path, tmp_path: Path,
+                                                             stopped: str) -> None:
+    """alice trains; the team's PostgreSQL (or the whole team server) stops mid-training. One line says so at once;
+    back during the training, the curves resume; back after it, record fails in one line and the next `dvc repro`
+    completes the same run. Either way: one FINISHED run, none RUNNING, a champion that loads."""
+    name = "pg-stop" if stopped.startswith("PostgreSQL") else "server-stop"
+    mine = copy_workdir(baseline, tmp_path / "mine")
+    own_experiment(mine, name, epochs=3, log_every=20)
+    server = TeamServer(team.data)
+    log = tmp_path / "out.txt"
+    training = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=mine, env=project_env(**team.env("alice")),
+                                stdout=log.open("w"), stderr=subprocess.STDOUT, text=True)
+    try:
+        live = wait_until("a live run with curves", lambda: next(
+            (r for r in experiment_runs(team, name) if "val_acc" in r.data.metrics), None), training)
+        if stopped.startswith("PostgreSQL"):
+            server.stop_db()
+            wait_until("the line that the store stopped", lambda: "stopped answering" in log.read_text(), training)
+            server.start_db(server.settings())
+            assert training.wait(timeout=600) == 0, log.read_text()[-3000:]
+            assert f"answers again: the curves resume in run {live.info.run_id}" in log.read_text()
+        else:
+            assert team_server("stop", "--data", str(team.data)).returncode == 0
+            assert training.wait(timeout=600) != 0
+            out = log.read_text()
+            assert f"still does not answer: run {live.info.run_id} stays open; record completes it" in out
+            assert [line for line in out.splitlines() if line.startswith("error:")] == [
+                f"error: MLFLOW_TRACKING_URI={team.url}: the MLflow server does not answer ([Errno 111] Connection "
+                "refused); start it, or unset MLFLOW_TRACKING_URI to record in the repo's mlflow.db"], out[-3000:]
+            started = team_server("start", "--data", str(team.data), "--stop-after", str(SELF_STOP_S))
+            assert started.returncode == 0, started.stderr
+            out = dvc(mine, "repro", **team.env("alice")).stdout
+            assert "Running stage 'train'" not in out and f"record: MLflow run '{live.info.run_name}' (" in out
+    finally:
+        training.kill()
+    assert log.read_text().count("stopped answering") == 1
+    (run,) = assert_one_finished_run_and_none_running(team, name)
+    assert run.info.run_id == live.info.run_id
+    logged = [int(line.split(",")[0]) for line in (mine / "reports/train_log.csv").read_text().splitlines()[1:]]
+    client = mlflow.MlflowClient(team.url)
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in team.env("admin").items():
+            patch.setenv(key, value)
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")] == logged
+        images, _ = load_mnist(mine / "data/raw", "t10k")
+        mlflow.set_tracking_uri(team.url)
+        assert len(mlflow.pyfunc.load_model(f"models:/{name}-cnn@champion").predict(images[:4])) == 4
+
+
+def test_two_machines_reproducing_a_recorded_result_complete_record_as_a_non_admin(team: Team, baseline: Path,
+                                                                                  tmp_path: Path) -> None:
+    """docs/distributed.md's two machines train again a result recorded before; alice (EDIT on the experiment, no
+    delete) completes record: the result keeps its one FINISHED run, the repeat's run ends KILLED as a repeat."""
+    name = "two-machine-repeat"
+    first = copy_workdir(baseline, tmp_path / "machine0")
+    own_experiment(first, name, processes=2)
+    git(first, "commit", "-qam", "two processes")  # every machine trains on the same committed params
+    out = dvc(first, "repro", **team.env("alice")).stdout  # the result, on one machine with two processes
+    assert "record: MLflow run 'workspace'" in out
+    (recorded,) = experiment_runs(team, name)
+    second = copy_workdir(first, tmp_path / "machine1")
+    endpoint = f"127.0.0.1:{free_port()}"
+    dvc_run = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--force", "--single-item", "train"], cwd=first,
+                               env=project_env(PET_NNODES="2", PET_RDZV_ENDPOINT=endpoint, **team.env("alice")),
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    documented = shlex.split(doc_block("torchrun --nnodes", "bash").replace("\\\n", " "))
+    time.sleep(3)  # machine 0 hosts the rendezvous; the other joins it (torchrun waits for it)
+    launcher = subprocess.run([part.replace("host0:29400", endpoint) for part in documented], cwd=second,
+                              capture_output=True, text=True, env=project_env(), timeout=600)
+    out = dvc_run.communicate(timeout=600)[0]
+    assert launcher.returncode == 0 and dvc_run.returncode == 0, launcher.stderr[-2000:] + out[-3000:]
+    assert "2 processes (gloo)" in out
+    out = dvc(first, "repro", **team.env("alice")).stdout
+    assert f"record: already recorded as run 'workspace' ({recorded.info.run_id})" in out
+    assert re.search(rf"record: run \w+, which watched this training, ended KILLED as a repeat of run "
+                     rf"{recorded.info.run_id} ", out), out
+    runs = assert_one_finished_run_and_none_running(team, name)
+    (repeat,) = [r for r in runs if r.info.run_id != recorded.info.run_id]
+    assert repeat.info.status == "KILLED" and repeat.data.tags["training"] == "repeat"
+    assert repeat.data.tags["repeat_of"] == recorded.info.run_id and repeat.data.tags["account"] == "alice"
+    assert "Data and pipelines are up to date." in dvc(first, "status").stdout

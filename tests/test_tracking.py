@@ -15,17 +15,17 @@ import pytest
 from filelock import FileLock
 from mlflow.exceptions import MlflowException
 
-from mnist_pipeline import result, tracking
-from mnist_pipeline.store import StoreError, resolve_store
+from mnist_pipeline.tracking import mlflow_store, result
+from mnist_pipeline.tracking.store import StoreError, resolve_store
 from tests.conftest import GIT_IDENTITY, REPO
 
 WRITER = textwrap.dedent("""
     import mlflow
     from mlflow.entities import Metric
-    from mnist_pipeline import tracking
-    from mnist_pipeline.store import resolve_store
-    experiment = tracking.configure(resolve_store(), "mnist")
-    with tracking.tracked_run(experiment_id=experiment) as run:
+    from mnist_pipeline.tracking import registry, mlflow_store, tag
+    from mnist_pipeline.tracking.store import resolve_store
+    experiment = mlflow_store.configure(resolve_store(), "mnist")
+    with mlflow_store.tracked_run(experiment_id=experiment) as run:
         mlflow.log_params({"writer": "{name}"})
         for step in range(150):
             mlflow.MlflowClient().log_batch(run.info.run_id,
@@ -74,12 +74,12 @@ HOLDER = textwrap.dedent("""
 def test_a_write_waits_while_another_process_holds_the_store(workdir: Path) -> None:
     """SQLite's busy timeout, no retries: MLflow's sessions wait up to 20 s for the store, past pysqlite's 5 s."""
     store = resolve_store()
-    experiment = tracking.configure(store, "mnist")
+    experiment = mlflow_store.configure(store, "mnist")
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(store.database), "6"], stdout=subprocess.PIPE,
                               text=True)
     assert holder.stdout.readline().strip() == "held"
     start = time.monotonic()
-    with tracking.tracked_run(experiment_id=experiment):
+    with mlflow_store.tracked_run(experiment_id=experiment):
         mlflow.log_param("writer", "waited")
     waited = time.monotonic() - start
     assert holder.wait(timeout=60) == 0
@@ -94,7 +94,7 @@ def test_a_store_locked_past_the_timeout_is_one_line_naming_it(workdir: Path) ->
     locked = MlflowException("(sqlite3.OperationalError) database is locked\n[SQL: INSERT INTO runs (run_uuid) "
                              "VALUES (?)]\n[parameters: ('5cef',)]\n(Background on this error at: "
                              "https://sqlalche.me/e/20/e3q8)")
-    with pytest.raises(StoreError) as info, tracking.store_errors(store, "the result is not recorded"):
+    with pytest.raises(StoreError) as info, mlflow_store.store_errors(store, "the result is not recorded"):
         raise locked
     assert str(info.value) == (f"MLflow store {store.uri}: (sqlite3.OperationalError) database is locked; "
                                "the result is not recorded")
@@ -103,17 +103,17 @@ def test_a_store_locked_past_the_timeout_is_one_line_naming_it(workdir: Path) ->
 def test_configure_gives_up_on_a_held_store_lock_in_one_line(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = resolve_store()
     lock = store.database.with_name(f"{store.database.name}.lock")
-    monkeypatch.setattr(tracking, "STORE_LOCK_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(mlflow_store, "STORE_LOCK_TIMEOUT_S", 0.2)
     with FileLock(lock), pytest.raises(StoreError) as info:
-        tracking.configure(store, "mnist")
+        mlflow_store.configure(store, "mnist")
     assert str(info.value).startswith(f"MLflow store {store.uri}: another process has held {lock} for 0.2 s")
     assert f"`fuser {lock}`" in str(info.value) and "\n" not in str(info.value)
 
 
 @pytest.mark.parametrize(("error", "status"), [(RuntimeError("boom"), "FAILED"), (KeyboardInterrupt(), "KILLED")])
 def test_run_ends_failed_or_killed(workdir: Path, error: BaseException, status: str) -> None:
-    experiment = tracking.configure(resolve_store(), "mnist")
-    with pytest.raises(type(error)), tracking.tracked_run(experiment_id=experiment):
+    experiment = mlflow_store.configure(resolve_store(), "mnist")
+    with pytest.raises(type(error)), mlflow_store.tracked_run(experiment_id=experiment):
         raise error
     (run,) = runs(workdir)
     assert run.info.status == status
@@ -125,12 +125,12 @@ def test_sigterm_ends_the_run_as_killed(tmp_path: Path) -> None:
     """In a stage, as every stage runs (errors.run_stage: the one SIGTERM path)."""
     code = textwrap.dedent("""
         import time
-        from mnist_pipeline import tracking
+        from mnist_pipeline.tracking import registry, mlflow_store, tag
         from mnist_pipeline.errors import run_stage
-        from mnist_pipeline.store import resolve_store
+        from mnist_pipeline.tracking.store import resolve_store
 
         def main():
-            with tracking.tracked_run(experiment_id=tracking.configure(resolve_store(), "mnist")):
+            with mlflow_store.tracked_run(experiment_id=mlflow_store.configure(resolve_store(), "mnist")):
                 print("running", flush=True)
                 time.sleep(60)
 
@@ -184,4 +184,4 @@ def test_tags_tie_a_run_to_git_and_dvc(tmp_path: Path, monkeypatch: pytest.Monke
 def test_flat_metrics_names() -> None:
     report = {"test": {"accuracy": 0.99, "per_class_accuracy": {"0": 1.0}, "note": "text"}}
     # The names `dvc metrics show` prints, so a query written with them works in MLflow.
-    assert tracking.flat_metrics(report) == {"test.accuracy": 0.99, "test.per_class_accuracy.0": 1.0}
+    assert mlflow_store.flat_metrics(report) == {"test.accuracy": 0.99, "test.per_class_accuracy.0": 1.0}

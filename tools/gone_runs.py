@@ -15,11 +15,12 @@ import time
 
 import mlflow
 
-from mnist_pipeline import tracking
 from mnist_pipeline.errors import PipelineError, run_stage, text_lines
 from mnist_pipeline.params import load_params
-from mnist_pipeline.result import ACCOUNT_TAG, NAMES_TAG, WORKSPACE_RUN_NAME, git
-from mnist_pipeline.store import account as store_account, resolve_store
+from mnist_pipeline.tracking import mlflow_store, tag
+from mnist_pipeline.tracking.result import WORKSPACE_RUN_NAME, git
+from mnist_pipeline.tracking.store import account as store_account
+from mnist_pipeline.tracking.store import resolve_store
 
 GONE_NOTE = (
     "DVC experiment `{name}` no longer exists (removed with `dvc exp remove`, or it failed in a temporary "
@@ -68,15 +69,15 @@ def remote_experiments() -> set[tuple[str, str]]:
 def recorded_names(run: mlflow.entities.Run) -> set[tuple[str, str]]:
     """The (baseline or commit, name) pairs a run's result was recorded under."""
     tags = run.data.tags
-    names = {tuple(line.split(" ", 1)) for line in tags.get(NAMES_TAG, "").splitlines() if " " in line}
-    if "dvc.exp_name" in tags:
-        names.add((tags.get("dvc.exp_baseline_rev", ""), tags["dvc.exp_name"]))
+    names = {tuple(line.split(" ", 1)) for line in tags.get(tag.NAMES, "").splitlines() if " " in line}
+    if tag.DVC_EXP_NAME in tags:
+        names.add((tags.get(tag.DVC_EXP_BASELINE, ""), tags[tag.DVC_EXP_NAME]))
     return names
 
 
 def account_of(run: mlflow.entities.Run) -> str:
     """Who recorded a run: the tracking server login, else the computer's user."""
-    return run.data.tags.get(ACCOUNT_TAG) or run.data.tags.get("mlflow.user", "")
+    return run.data.tags.get(tag.ACCOUNT) or run.data.tags.get(tag.MLFLOW_USER, "")
 
 
 def gone_runs(experiment_id: str, experiments: set[tuple[str, str]], min_age_s: float,
@@ -119,16 +120,16 @@ def main() -> None:
                             "--team-server to mark (or with --delete, delete) the gone ones of this account there")
     experiments = local_experiments() | remote_experiments()
     account = None if args.all_accounts else store_account()
-    with tracking.store_errors(store, "fix the store and run this again"):
-        experiment_id = tracking.configure(store, params.mlflow.experiment)
+    with mlflow_store.store_errors(store, "fix the store and run this again"):
+        experiment_id = mlflow_store.configure(store, params.mlflow.experiment)
         client = mlflow.MlflowClient()
         runs = gone_runs(experiment_id, experiments, args.min_age, account)
         for run in runs:
-            name = run.data.tags["dvc.exp_name"]
+            name = run.data.tags[tag.DVC_EXP_NAME]
             # The note said `dvc exp apply <name>`: say instead that the experiment is gone.
             client.log_batch(run.info.run_id, tags=[
-                mlflow.entities.RunTag("mlflow.note.content", GONE_NOTE.format(name=name)),
-                mlflow.entities.RunTag("dvc.exp_gone", "true")])
+                mlflow.entities.RunTag(tag.NOTE, GONE_NOTE.format(name=name)),
+                mlflow.entities.RunTag(tag.DVC_EXP_GONE, "true")])
             if args.delete:
                 client.delete_run(run.info.run_id)
             print(f"{run.info.run_id}  {name}  {run.info.status}{'  deleted' if args.delete else ''}")

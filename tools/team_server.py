@@ -302,7 +302,8 @@ class TeamServer:
         from mlflow.exceptions import MlflowException
         from mlflow.server import get_app_client
 
-        from mnist_pipeline.tracking import ensure_experiment, ensure_registered_model
+        from mnist_pipeline.tracking.mlflow_store import ensure_experiment
+        from mnist_pipeline.tracking.registry import ensure_registered_model
 
         url = self.url(settings)
         mlflow.set_tracking_uri(url)

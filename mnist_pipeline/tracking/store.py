@@ -17,13 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mnist_pipeline.errors import PipelineError, without_login
+from mnist_pipeline.tracking import tag
 
 STORE_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 # A run writes about 1 MB (model, figures, reports); refuse well before the disk is full.
 MIN_FREE_BYTES = 64 << 20
-# The tag record puts on a registered version whose files are gone, once it has logged the model again.
-FILES_LOST_TAG = "files_lost"
 DATABASE_SCHEMES = ("postgresql", "mysql", "mssql")
 # What MLflow's client sends to a tracking server, read here too so a bad login fails before training.
 USERNAME_ENV, PASSWORD_ENV, TOKEN_ENV = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN"
@@ -118,14 +117,14 @@ def lost_versions(database: Path) -> list[str]:
              "'Deleted_Internal' AND NOT EXISTS (SELECT 1 FROM model_version_tags AS t WHERE t.name = v.name AND "
              "t.version = v.version AND t.key = ?)")
     try:
-        with closing(_read_only(database)) as connection:
-            rows = connection.execute(query, (FILES_LOST_TAG,)).fetchall()
+        with closing(read_only(database)) as connection:
+            rows = connection.execute(query, (tag.FILES_LOST,)).fetchall()
     except sqlite3.Error:  # a store MLflow has not set up yet has no such tables
         return []
-    return [f"{name}/{version}" for name, version, location in rows if _files_gone(str(location))]
+    return [f"{name}/{version}" for name, version, location in rows if files_gone(str(location))]
 
 
-def _files_gone(location: str) -> bool:
+def files_gone(location: str) -> bool:
     """Whether a version's storage location is a local folder that no longer exists (a server's is not known)."""
     return location.startswith("file:") and not Path(
         urllib.request.url2pathname(urllib.parse.urlparse(location).path)).exists()
@@ -201,7 +200,7 @@ def _check_login(store: Store, timeout: float) -> None:
                      "to your account on it (an admin creates it)") from None
 
 
-def _read_only(database: Path) -> sqlite3.Connection:
+def read_only(database: Path) -> sqlite3.Connection:
     """The store's SQLite file opened read-only, waiting up to 30 s for a writer."""
     return sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True, timeout=30)
 
@@ -214,7 +213,7 @@ def _check_database(path: Path) -> None:
                          "at another store")
     what_to_do = f"move {path} aside (MLflow starts a new one) or restore it from a backup"
     try:
-        with closing(_read_only(path)) as connection:
+        with closing(read_only(path)) as connection:
             problems = [row[0] for row in connection.execute("PRAGMA quick_check")]
     except sqlite3.DatabaseError as err:
         raise StoreError(f"MLflow store {path}: {err}; {what_to_do}") from None
@@ -239,52 +238,3 @@ def _check_writable(folder: Path, store: Store) -> None:
             f"MLflow store {store.uri}: only {free >> 20} MiB free in {folder} (at least {MIN_FREE_BYTES >> 20} MiB "
             "needed); free some space there"
         )
-
-
-def recorded_run(database: Path, experiment: str, key_tag: str, key: str,
-                 names_tag: str) -> tuple[str, str, list[str], str] | None:
-    """The finished run of a result in a local store, read without MLflow: (id, name, its DVC names, its model
-    version "name/version"), or None. record's quick path: a result recorded before costs no MLflow start-up."""
-    if not database.exists():
-        return None
-    query = ("SELECT r.run_uuid, r.name FROM runs AS r JOIN experiments AS e ON e.experiment_id = r.experiment_id "
-             "JOIN tags AS t ON t.run_uuid = r.run_uuid WHERE e.name = ? AND e.lifecycle_stage = 'active' "
-             "AND r.lifecycle_stage = 'active' AND r.status = 'FINISHED' AND t.key = ? AND t.value = ? "
-             "ORDER BY r.start_time LIMIT 1")
-    try:
-        with closing(_read_only(database)) as connection:
-            found = connection.execute(query, (experiment, key_tag, key)).fetchone()
-            if found is None:
-                return None
-            tags = dict(connection.execute("SELECT key, value FROM tags WHERE run_uuid = ? AND key IN (?, ?)",
-                                           (found[0], names_tag, "model.version")).fetchall())
-    except sqlite3.Error:  # a store MLflow has not set up yet has no such tables
-        return None
-    return found[0], found[1], tags.get(names_tag, "").splitlines(), tags.get("model.version", "")
-
-
-def training_awaits_record(database: Path, experiment: str, model_sha256: str) -> bool:
-    """Whether a run that watched this model train (mnist_pipeline/live_run.py) waits for record to complete it."""
-    query = ("SELECT 1 FROM runs AS r JOIN experiments AS e ON e.experiment_id = r.experiment_id "
-             "JOIN tags AS t ON t.run_uuid = r.run_uuid AND t.key = 'training' AND t.value = 'trained' "
-             "JOIN tags AS m ON m.run_uuid = r.run_uuid AND m.key = 'model_sha256' AND m.value = ? "
-             "WHERE e.name = ? AND r.lifecycle_stage = 'active' AND NOT EXISTS "
-             "(SELECT 1 FROM tags AS k WHERE k.run_uuid = r.run_uuid AND k.key = 'result_key') LIMIT 1")
-    try:
-        with closing(_read_only(database)) as connection:
-            return connection.execute(query, (model_sha256, experiment)).fetchone() is not None
-    except sqlite3.Error:
-        return False
-
-
-def version_loadable(database: Path, version: str) -> bool:
-    """Whether a registered version ("name/version") of a local store exists and its files are there."""
-    name, _, number = version.partition("/")
-    query = ("SELECT storage_location FROM model_versions WHERE name = ? AND version = ? "
-             "AND current_stage != 'Deleted_Internal'")
-    try:
-        with closing(_read_only(database)) as connection:
-            row = connection.execute(query, (name, int(number))).fetchone()
-    except (sqlite3.Error, ValueError):
-        return False
-    return row is not None and not _files_gone(str(row[0]))

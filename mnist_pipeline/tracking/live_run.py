@@ -2,10 +2,12 @@
 
 The train stage starts the helper before its loop and waits until the run exists, so that MLflow's start-up does
 not share the CPU with the loop. The first training process appends each report to a file; the helper logs
-what appears there every half second. The stage tells the helper how the training ended; a stage that dies
-without a word (SIGKILL) closes its pipe, and the helper ends the run KILLED. The helper runs in a session
-of its own so that a signal to the stage's process group does not take it too. record later completes the
-run with the test metrics, figures and model: one run per result. Train itself never imports MLflow.
+what appears there every half second, with a heartbeat (tracking/heartbeat.py). The stage tells the helper how the
+training ended; a stage that dies without a word (SIGKILL) closes its pipe, and the helper ends the run KILLED.
+The helper runs in a session of its own so that a signal to the stage's process group does not take it too. When
+the store stops answering, the helper says so in one line and keeps the reports; when it answers again, the curves
+resume. record later completes the run with the test metrics, figures and model: one run per result (train notes
+the run's id beside the model, machine.LIVE_RUN_ENV). Train itself never imports MLflow.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -26,20 +27,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mnist_pipeline.errors import first_line, interrupted
+from mnist_pipeline.machine import LIVE_RUN_ENV
 
 if TYPE_CHECKING:
     from mnist_pipeline.reports import LogRow
 
 REPORTS_ENV = "MNIST_LIVE_REPORTS"  # the file the first training process appends its reports to
 SWITCH_ENV = "MNIST_LIVE_CURVES"  # "off": no run during training (record makes the run afterwards)
-POLL_S = 0.5
 # How long the stage waits for the helper's run before it trains without one: MLflow's start and a run's creation
 # take seconds; a store that takes connections and never answers would hold the training for MLflow's retries.
 START_TIMEOUT_S = 60
-CURVES = ("train_acc", "train_loss", "val_acc")
-TRAINING_TAG = "training"  # what the helper last knew of the training: running, trained, failed, killed
 LIVE_FOLDER_PREFIX = "mnist-live-"  # then the training's pid: a folder whose process is gone is a left-over
-PROJECT = str(Path(__file__).resolve().parents[1])  # where the helper imports this package from, whatever the cwd
+PROJECT = str(Path(__file__).resolve().parents[2])  # where the helper imports this package from, whatever the cwd
 
 
 def append_report(row: LogRow) -> None:
@@ -65,7 +64,7 @@ class LiveRun:
         """The live run, or why there is none (one line; training goes on and record makes the run later)."""
         reports.touch()
         process = subprocess.Popen(
-            [sys.executable, "-m", "mnist_pipeline.live_run", str(reports)], stdin=subprocess.PIPE,
+            [sys.executable, "-m", "mnist_pipeline.tracking.live_helper", str(reports)], stdin=subprocess.PIPE,
             stdout=subprocess.PIPE, text=True, start_new_session=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PROJECT, os.environ.get("PYTHONPATH")]))},
         )
@@ -82,6 +81,7 @@ class LiveRun:
             process.wait()
             return " ".join(answer[1:]) or "its helper process ended without a word"
         os.environ[REPORTS_ENV] = str(reports)  # torchrun's processes inherit it
+        os.environ[LIVE_RUN_ENV] = answer[1]
         return cls(process, answer[1], answer[2])
 
     def where(self) -> str:
@@ -105,6 +105,7 @@ class LiveRun:
         except subprocess.TimeoutExpired:
             self.process.kill()
         os.environ.pop(REPORTS_ENV, None)
+        os.environ.pop(LIVE_RUN_ENV, None)
 
 
 def live_folders() -> Path:
@@ -147,78 +148,3 @@ def live_run(experiment: str, outputs: list[Path], params: dict[str, object],
             live.end("FAILED", first_line(str(err)) or type(err).__name__)
             raise
         live.end("FINISHED")
-
-
-def _helper(reports: Path) -> None:
-    """The helper process: create the run, log the reports as they come, end the run as told."""
-    import logging
-
-    import mlflow
-    from mlflow.entities import Metric, Param, RunTag
-
-    from mnist_pipeline import tracking
-    from mnist_pipeline.result import WORKSPACE_RUN_NAME, run_tags
-    from mnist_pipeline.store import resolve_store
-
-    logging.getLogger("mlflow").setLevel(logging.WARNING)  # a new store's INFO lines are not the stage's output
-    start = json.loads(sys.stdin.readline())
-    store = resolve_store()
-    try:
-        with tracking.store_errors(store, "the training curves go to MLflow once the result is recorded"):
-            experiment_id = tracking.configure(store, start["experiment"])
-            client = mlflow.MlflowClient()
-            tags = run_tags([Path(p) for p in start["outputs"]])
-            name = tags.get("dvc.exp_name", WORKSPACE_RUN_NAME)
-            run = client.create_run(experiment_id, run_name=name,
-                                    tags={**tags, **start["tags"], TRAINING_TAG: "running"})
-            params = [Param(k, v) for k, v in start["params"].items()]
-            for first in range(0, len(params), 100):
-                client.log_batch(run.info.run_id, params=params[first:first + 100])
-    except Exception as err:  # noqa: BLE001 - any failure is the one line the stage prints
-        print(f"error {' '.join(str(err).split())}", flush=True)
-        return
-    print(f"ready {run.info.run_id} {name}", flush=True)
-    # Nothing more goes to the stage. MLflow prints "View run ... at" as it ends a run on a tracking server, before
-    # it writes the status: into this pipe, whose reader a killed stage took with it, that would raise
-    # BrokenPipeError and leave the run RUNNING for good.
-    sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of this process
-    os.dup2(sys.stdout.fileno(), 1)
-    done, read = 0, ""
-
-    def drain() -> None:
-        nonlocal done, read
-        with reports.open() as file:
-            file.seek(done)
-            read += file.read()
-            done = file.tell()
-        lines, read = read.split("\n")[:-1], read.split("\n")[-1]  # a line not yet complete waits
-        rows = [json.loads(line) for line in lines]
-        now = int(time.time() * 1000)
-        metrics = [Metric(key, float(row[key]), now, int(row["iteration"])) for row in rows for key in CURVES]
-        if metrics:
-            client.log_batch(run.info.run_id, metrics=metrics)
-
-    end = {"end": "KILLED", "cause": "the train stage stopped without a word (killed)"}
-    while True:
-        ready, _, _ = select.select([sys.stdin], [], [], POLL_S)
-        try:
-            drain()
-        except Exception:  # noqa: BLE001 - the store failed: the curves stop, the training goes on
-            return
-        if ready:
-            line = sys.stdin.readline()
-            end = json.loads(line) if line.strip() else end
-            break
-    drain()
-    status = end["end"]
-    tags = [RunTag(TRAINING_TAG, {"FINISHED": "trained", "FAILED": "failed", "KILLED": "killed"}[status])]
-    if end.get("model_sha256"):
-        tags.append(RunTag(tracking.MODEL_TAG, end["model_sha256"]))
-    if end["cause"]:
-        tags += [RunTag("failure", end["cause"]), RunTag("mlflow.note.content", f"Training failed: {end['cause']}")]
-    client.log_batch(run.info.run_id, tags=tags)
-    client.set_terminated(run.info.run_id, status)
-
-
-if __name__ == "__main__":
-    _helper(Path(sys.argv[1]))

@@ -1,5 +1,5 @@
 """What a DVC result is, without MLflow: its files, its key and the tags tying it to git and DVC. record reads a
-result recorded before with these alone (no MLflow start-up); mnist_pipeline/recording.py writes a new one.
+result recorded before with these alone (no MLflow start-up); tracking/recording.py writes a new one.
 """
 
 from __future__ import annotations
@@ -13,16 +13,10 @@ from pathlib import Path
 
 from mnist_pipeline.files import sha256_file
 from mnist_pipeline.params import Params, flatten
-from mnist_pipeline.store import account
+from mnist_pipeline.tracking import tag
+from mnist_pipeline.tracking.store import account
 
-RESULT_KEY_TAG = "result_key"
-# Every DVC name a result was recorded under, a line each: "<baseline commit> <experiment>" or
-# "<commit> workspace". One run per result: an experiment that reproduces another's bytes adds its name here.
-NAMES_TAG = "dvc.names"
-WORKSPACE_RUN_NAME = "workspace"
-# Who recorded a run (store.account): the tracking server login, else the computer's user (MLflow's own mlflow.user
-# is always the computer's, and runs made by MlflowClient, as the live run is, have none).
-ACCOUNT_TAG = "account"
+WORKSPACE_RUN_NAME = "workspace"  # the run name of a result of `dvc repro` in the workspace (no DVC experiment)
 
 
 @dataclass(frozen=True)
@@ -82,25 +76,29 @@ def run_tags(outputs: list[Path]) -> dict[str, str]:
     tags = {}
     commit = (git("rev-parse", "HEAD") or "").strip()
     if commit:
-        tags["mlflow.source.git.commit"] = commit
-        tags["git.dirty"] = str(git_dirty(outputs)).lower()
+        tags[tag.GIT_COMMIT] = commit
+        tags[tag.GIT_DIRTY] = str(git_dirty(outputs)).lower()
     name = os.environ.get("DVC_EXP_NAME")
     baseline = os.environ.get("DVC_EXP_BASELINE_REV")
     if name:
-        tags["dvc.exp_name"] = name
-        tags["mlflow.note.content"] = (
+        tags[tag.DVC_EXP_NAME] = name
+        tags[tag.NOTE] = (
             f"DVC experiment `{name}`: `dvc exp apply {name}` brings it back into the workspace "
             "(while `dvc exp list` lists it)."
         )
     else:
-        tags["mlflow.note.content"] = f"`dvc repro` in the workspace at commit `{commit[:7] or 'none'}`."
+        tags[tag.NOTE] = f"`dvc repro` in the workspace at commit `{commit[:7] or 'none'}`."
     if baseline:
-        tags["dvc.exp_baseline_rev"] = baseline
-    tags[ACCOUNT_TAG] = account()  # on every run: the live run, a failed training's, record's
+        tags[tag.DVC_EXP_BASELINE] = baseline
+    tags[tag.ACCOUNT] = account()  # on every run: the live run, a failed training's, record's
     return tags
 
 
+def run_name(tags: dict[str, str]) -> str:
+    """The name of a run with these tags: its DVC experiment's, else WORKSPACE_RUN_NAME."""
+    return tags.get(tag.DVC_EXP_NAME, WORKSPACE_RUN_NAME)
+
+
 def names_entry(tags: dict[str, str]) -> str:
-    """This result's DVC name as NAMES_TAG lists it."""
-    name = tags.get("dvc.exp_name", WORKSPACE_RUN_NAME)
-    return f"{tags.get('dvc.exp_baseline_rev') or tags.get('mlflow.source.git.commit', '-')} {name}"
+    """This result's DVC name as tag.NAMES lists it."""
+    return f"{tags.get(tag.DVC_EXP_BASELINE) or tags.get(tag.GIT_COMMIT, '-')} {run_name(tags)}"

@@ -1,5 +1,4 @@
-"""MLflow bookkeeping: the store's set-up, a run's lifecycle, the registry and its champion; store errors in one
-line."""
+"""MLflow's side of a run: the store's set-up, a run that always ends, a store's failure in one line."""
 
 from __future__ import annotations
 
@@ -7,30 +6,22 @@ import os
 import urllib.parse
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import mlflow
 import requests
 from filelock import FileLock, Timeout
 from mlflow.entities import LoggedModelStatus
-from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from sqlalchemy.exc import SQLAlchemyError
 
 from mnist_pipeline.errors import text_lines
-from mnist_pipeline.store import FILES_LOST_TAG, Store, StoreError, login_environ
+from mnist_pipeline.tracking import tag
+from mnist_pipeline.tracking.store import Store, StoreError, login_environ
 
-# The tag that ties a run and a registered model version to the exact model file (SHA-256 of its bytes).
-MODEL_TAG = "model_sha256"
-# The tag that ties them to the code the served model runs (served_package.SERVED_CODE) and its model_config: new code
-# or config, new version.
-CODE_TAG = "served_code_sha256"
 # Marks the experiment as model training. MLflow 3.17's UI lets its sidebar switch decide instead (see
 # docs/runs.md), but earlier UIs and MLflow's own search read this tag.
-EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-# The registry alias `mlflow models serve -m models:/mnist-cnn@champion` serves, and what it is chosen by.
-CHAMPION = "champion"
-VAL_ACC_TAG = "train.best_val_acc"
+EXPERIMENT_KIND = {tag.EXPERIMENT_KIND: "custom_model_development"}
 # What a store can raise when it is broken, full or unreachable. Processes that write one SQLite store at once
 # (queued experiments, a live run beside record) wait for each other in SQLite itself: MLflow gives each of its
 # sessions a busy timeout of 20 s (mlflow/store/db/utils.py), so no call is retried here, as some are not
@@ -94,24 +85,9 @@ def ensure_experiment(name: str, artifact_location: str | None = None) -> str:
             found = mlflow.get_experiment_by_name(name)
             if found is None:
                 raise
-    if "mlflow.experimentKind" not in found.tags:
+    if tag.EXPERIMENT_KIND not in found.tags:
         mlflow.MlflowClient().set_experiment_tag(found.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
     return found.experiment_id
-
-
-def ensure_registered_model(client: mlflow.MlflowClient, name: str) -> None:
-    """Create the registered model `name` unless it exists: looked up first, since creating a name that exists
-    fails in the database, which logs it as a constraint error (PostgreSQL on a team server)."""
-    try:
-        client.get_registered_model(name)
-    except MlflowException as err:
-        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-            raise
-        try:
-            client.create_registered_model(name)
-        except MlflowException as race:  # another process created it since the lookup
-            if race.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
-                raise
 
 
 @contextmanager
@@ -159,60 +135,3 @@ def flat_metrics(report: dict[str, object], prefix: str = "") -> dict[str, float
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[f"{prefix}{key}"] = float(value)
     return flat
-
-
-def find_model_version(name: str, model_sha256: str, code_sha256: str) -> ModelVersion | None:
-    """The registered version of exactly this model file, served code and config, if an earlier result registered it."""
-    versions = mlflow.MlflowClient().search_model_versions(
-        filter_string=(f"name = '{name}' and tags.{MODEL_TAG} = '{model_sha256}' "
-                       f"and tags.{CODE_TAG} = '{code_sha256}'"),
-    )
-    return min((v for v in versions if FILES_LOST_TAG not in v.tags), key=lambda v: int(v.version), default=None)
-
-
-def files_present(name: str, version: str) -> bool:
-    """Whether a registered version's files are in the artifact store: a deleted mlartifacts/ leaves the registry
-    pointing at nothing, and `models:/...` fails to load."""
-    uri = mlflow.MlflowClient().get_model_version_download_uri(name, version)
-    return any(PurePosixPath(a.path).name == "MLmodel" for a in mlflow.artifacts.list_artifacts(artifact_uri=uri))
-
-
-def retire_lost_version(name: str, version: str, replacement: str) -> None:
-    """Mark a version whose files are gone, and take it out of the champion's choice: never served again."""
-    client = mlflow.MlflowClient()
-    note = f"its files are gone from the artifact store; version {replacement} holds the same model"
-    client.set_model_version_tag(name, version, FILES_LOST_TAG, note)
-    client.delete_model_version_tag(name, version, VAL_ACC_TAG)
-
-
-def version_tags(run_tags: dict[str, str]) -> dict[str, str]:
-    """The tags that tie a registered model version to its model file, DVC experiment and git commit."""
-    keys = (MODEL_TAG, CODE_TAG, "dvc.exp_name", "dvc.exp_baseline_rev", "mlflow.source.git.commit")
-    return {key.removeprefix("mlflow.source."): run_tags[key] for key in keys if key in run_tags}
-
-
-def crown_champion(name: str, passes: int = 10) -> ModelVersion | None:
-    """Point the alias `champion` at the version with the best validation accuracy (never test accuracy).
-
-    Among equals the latest version wins: the same weights logged again with newer serving code (served_package's
-    SERVED_CODE) replace the older. Safe for machines recording at once, on one store or a shared server,
-    without a lock: after moving the alias, read every version again and move it again if a better one has
-    appeared. Each recorder crowns after registering its version, so the last to move the alias has read
-    every version registered before that move, and no stale champion stays. Returns the version the alias
-    last moved to, or None when it stayed.
-    """
-    client = mlflow.MlflowClient()
-    moved = None
-    for _ in range(passes):
-        versions = client.search_model_versions(filter_string=f"name = '{name}'")
-        scored = sorted((v for v in versions if VAL_ACC_TAG in v.tags),
-                        key=lambda v: (float(v.tags[VAL_ACC_TAG]), int(v.version)), reverse=True)
-        # The best whose files are still there: a deleted artifact folder leaves versions that cannot load.
-        best = next((v for v in scored if files_present(name, v.version)), None)
-        # The registered model's aliases: search_model_versions leaves each version's own list empty.
-        current = client.get_registered_model(name).aliases.get(CHAMPION)
-        if best is None or (current is not None and str(current) == str(best.version)):
-            return moved
-        client.set_registered_model_alias(name, CHAMPION, best.version)
-        moved = best
-    return moved
