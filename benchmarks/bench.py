@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bookkeeping import bookkeeping_cost
 from benchmarks.loop import ddp_scaling, gpu_epoch_seconds, kernel_pin_cost, loop_against_loop
 from benchmarks.pipeline_times import noop_repro_seconds, pipeline_times, startup_seconds
 from benchmarks.recipes import fast_recipe_runs, peer_ratios, peer_time_to_accuracy, time_to_accuracy
@@ -40,7 +41,7 @@ from mnist_pipeline.params import Params, load_params
 # The report's sections, in the order they run; `--only` takes any of them.
 SECTIONS = ("loop", "ddp", "kernel_pins", "default_recipe", "fast_recipe", "peer_recipe", "record_s", "record",
             "live_curves", "team_server", "evaluate_10k_s", "serving", "startup_s", "pipeline", "noop_dvc_repro_s",
-            "gpu_epoch_s")
+            "gpu_epoch_s", "bookkeeping")
 # A section's key in reports/benchmark.json is its name, but for `loop`'s: the key it had when the section was called
 # `throughput`, which --only still takes.
 REPORT_KEYS = {"loop": "throughput"}
@@ -98,6 +99,7 @@ def section_table(args: argparse.Namespace, params: Params) -> dict[str, Callabl
                                                      args.peer_budget_s),
         "record_s": lambda: recording_seconds(args.repeats),
         "record": lambda: record_comparison(args.base, args.repeats),
+        "bookkeeping": lambda: bookkeeping_cost(args.repeats),
         "live_curves": lambda: live_curves_cost(args.repeats),
         "team_server": lambda: team_server_ratio(args.repeats),
         "evaluate_10k_s": lambda: evaluation_seconds(data(), params),
@@ -166,6 +168,7 @@ def print_table(report: dict) -> None:
         ("tracking overhead, (training + record) / training",
          f"{(r['train_seconds'] + k['new_model_s']) / r['train_seconds']:.3f}"),
         *record_rows(report.get("record")),
+        *bookkeeping_rows(report.get("bookkeeping")),
         *live_curves_rows(report.get("live_curves")),
         *team_server_rows(report["team_server"]),
         ("evaluate 10,000 test images", f"{report['evaluate_10k_s']} s"),
@@ -189,6 +192,21 @@ def live_curves_rows(live: dict | None) -> list[tuple[str, str]]:
              f"({live['loop']['ratio_min']}-{live['loop']['ratio_max']})"),
             ("  the whole stage", f"{live['stage']['on_s']} s / {live['stage']['off_s']} s = {live['stage']['ratio']}x "
                                   f"({live['stage']['ratio_min']}-{live['stage']['ratio_max']})")]
+
+
+def bookkeeping_rows(cost: dict | None) -> list[tuple[str, str]]:
+    """This checkout's bookkeeping against 817411a's, and where a new-model record's time goes."""
+    if cost is None:
+        return [("bookkeeping, this checkout / 817411a", "n/a (not measured in this report)")]
+    rows = [(f"bookkeeping, this checkout / {cost['base']} (medians of pairs)", "")]
+    for what, key in (("a new-model record, new store", "new_model_record"),
+                      ("one-epoch `dvc exp run`, outside its training loop", "exp_run_outside_loop")):
+        pair = cost[key]
+        rows.append((f"  {what}", f"{pair['now_s']} s / {pair['base_s']} s = {pair['ratio']}x "
+                                  f"({pair['ratio_min']}-{pair['ratio_max']})"))
+    rows.append(("a new-model record of this checkout, by part (wall s, CPU s)", ""))
+    rows += [(f"  {part}", f"{wall} s, {cpu} CPU-s") for part, (wall, cpu) in cost["record_parts"].items()]
+    return rows
 
 
 def record_rows(record: dict | None) -> list[tuple[str, str]]:

@@ -103,8 +103,8 @@ def base_tree(base: str, folder: Path) -> Path:
     return folder / "base"
 
 
-def plot_only_pairs(trees: dict[str, Path], root: Path, env: dict[str, str], repeats: int) -> dict:
-    """`dvc exp run -S plot.n_images=N` in a clone of each tree whose baseline (one epoch) is reproduced."""
+def baseline_clones(trees: dict[str, Path], root: Path, env: dict[str, str]) -> dict[str, Path]:
+    """A git clone of each tree, its baseline (one epoch) reproduced on this workspace's data and committed."""
     clones = {}
     for name, tree in trees.items():
         clone = root / f"clone-{name}"
@@ -119,6 +119,12 @@ def plot_only_pairs(trees: dict[str, Path], root: Path, env: dict[str, str], rep
             subprocess.run(command, cwd=clone, check=True, capture_output=True,
                            env={**env, "MNIST_MIRROR": str(REPO / "data/raw")})
         clones[name] = clone
+    return clones
+
+
+def plot_only_pairs(trees: dict[str, Path], root: Path, env: dict[str, str], repeats: int) -> dict:
+    """`dvc exp run -S plot.n_images=N` in a clone of each tree whose baseline (one epoch) is reproduced."""
+    clones = baseline_clones(trees, root, env)
 
     def one(name: str, i: int) -> float:
         start = time.perf_counter()

@@ -18,6 +18,7 @@ import mlflow
 from mnist_pipeline.errors import PipelineError, run_stage, text_lines
 from mnist_pipeline.params import load_params
 from mnist_pipeline.tracking import mlflow_store, tag
+from mnist_pipeline.tracking.heartbeat import end_dead_runs
 from mnist_pipeline.tracking.result import WORKSPACE_RUN_NAME, git
 from mnist_pipeline.tracking.store import account as store_account
 from mnist_pipeline.tracking.store import resolve_store
@@ -123,6 +124,8 @@ def main() -> None:
     with mlflow_store.store_errors(store, "fix the store and run this again"):
         experiment_id = mlflow_store.configure(store, params.mlflow.experiment)
         client = mlflow.MlflowClient()
+        for line in end_dead_runs(experiment_id):  # runs whose training was killed with everything (docs/runs.md)
+            print(line, file=sys.stderr)
         runs = gone_runs(experiment_id, experiments, args.min_age, account)
         for run in runs:
             name = run.data.tags[tag.DVC_EXP_NAME]

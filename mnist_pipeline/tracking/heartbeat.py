@@ -60,6 +60,7 @@ def end_dead_runs(experiment_id: str, keep: tuple[str, ...] = ()) -> list[str]:
     """
     import mlflow
     from mlflow.entities import RunTag
+    from mlflow.exceptions import MlflowException
 
     client = mlflow.MlflowClient()
     lines = []
@@ -71,7 +72,14 @@ def end_dead_runs(experiment_id: str, keep: tuple[str, ...] = ()) -> list[str]:
         tags = [RunTag(tag.FAILURE, cause), RunTag(tag.NOTE, f"Ended KILLED: {cause}.")]
         if run.data.tags.get(tag.TRAINING) == tag.RUNNING:
             tags.append(RunTag(tag.TRAINING, tag.KILLED))
-        client.log_batch(run.info.run_id, tags=tags)
-        client.set_terminated(run.info.run_id, "KILLED")
+        try:
+            client.log_batch(run.info.run_id, tags=tags)
+            client.set_terminated(run.info.run_id, "KILLED")
+        except MlflowException as err:
+            if err.error_code != "PERMISSION_DENIED":
+                raise
+            lines.append(f"MLflow run '{run.info.run_name}' ({run.info.run_id}) was left RUNNING ({why}); this account "
+                         "may not end it: its owner's next command, or an admin, does")
+            continue
         lines.append(f"MLflow run '{run.info.run_name}' ({run.info.run_id}) was left RUNNING and is now KILLED: {why}")
     return lines

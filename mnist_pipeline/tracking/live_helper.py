@@ -20,11 +20,8 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 
 from mnist_pipeline.errors import first_line  # noqa: E402
 from mnist_pipeline.tracking import mlflow_store, tag  # noqa: E402
-from mnist_pipeline.tracking.heartbeat import (  # noqa: E402
-    BEAT_EVERY_S,
-    beat,
-    end_dead_runs,
-)
+from mnist_pipeline.tracking.heartbeat import BEAT_EVERY_S, beat, end_dead_runs  # noqa: E402
+from mnist_pipeline.tracking.recording import mark_repeat, recorded_model  # noqa: E402
 from mnist_pipeline.tracking.result import run_name, run_tags  # noqa: E402
 from mnist_pipeline.tracking.store import resolve_store  # noqa: E402
 
@@ -164,7 +161,12 @@ def main(reports: Path) -> None:
             return
         time.sleep(RETRY_S)
     try:
-        client.set_terminated(run_id, status)
+        trained = status == "FINISHED" and end.get("model_sha256")
+        found = recorded_model(client, experiment_id, end["model_sha256"], start["params"]) if trained else None
+        if found is not None:  # the same bytes as a result recorded before: ended here, whether record runs or not
+            say(mark_repeat(client, run_id, found.info.run_id, found.info.run_name))
+        else:
+            client.set_terminated(run_id, status)
     except mlflow_store.STORE_ERRORS as err:
         say(f"the MLflow store {curves.where} did not end run {run_id} ({first_line(str(err))[:200]}); record "
             "completes it once the store answers")

@@ -63,15 +63,30 @@ def unfinished_run(runs_: list[StoredRun], key: str, live_run_id: str | None) ->
     return min(left, key=lambda r: r.start_time, default=None)
 
 
-def mark_repeat(client: mlflow.MlflowClient, live: StoredRun, found: StoredRun) -> None:
+def mark_repeat(client: mlflow.MlflowClient, run_id: str, found_id: str, found_name: str) -> str:
     """End the run that watched a training whose result was recorded before: KILLED, `training: repeat` and
-    `repeat_of` the result's run, so that nobody takes it for a second result. Nothing is deleted: on a team
-    server deleting a run takes the admin, and a teammate's record must complete with EDIT alone."""
-    note = (f"This training made the bytes of a result recorded before, in run {found.run_id} "
-            f"('{found.name}'): that run is the result's; this one keeps the curves of the repeat.")
-    client.log_batch(live.run_id, tags=[RunTag(tag.TRAINING, tag.REPEAT), RunTag(tag.REPEAT_OF, found.run_id),
-                                        RunTag(tag.NOTE, note)])
-    client.set_terminated(live.run_id, "KILLED")
+    `repeat_of` the result's run, so that nobody takes it for a second result; the line that says so. Nothing is
+    deleted: on a team server deleting a run takes the admin, and a teammate's record must complete with EDIT alone.
+    """
+    note = (f"This training made the bytes of a result recorded before, in run {found_id} ('{found_name}'): that "
+            "run is the result's; this one keeps the curves of the repeat.")
+    client.log_batch(run_id, tags=[RunTag(tag.TRAINING, tag.REPEAT), RunTag(tag.REPEAT_OF, found_id),
+                                   RunTag(tag.NOTE, note)])
+    client.set_terminated(run_id, "KILLED")
+    return (f"run {run_id}, which watched this training, ended KILLED as a repeat of run {found_id} (the same "
+            "bytes: one run per result)")
+
+
+def recorded_model(client: mlflow.MlflowClient, experiment_id: str, model_sha256: str,
+                   params: dict[str, str]) -> mlflow.entities.Run | None:
+    """The run of a result recorded before from this model file and these params (so from the same data and code):
+    what a training that just made this file repeats. The first made."""
+    runs = client.search_runs([experiment_id], order_by=["attributes.start_time ASC"], max_results=100,
+                              filter_string=(f"tags.{tag.MODEL_SHA256} = '{model_sha256}' and "
+                                             "attributes.status = 'FINISHED'"))
+    # Every param the training had; the result's run has more (MLflow logs the served model's model_config too).
+    return next((r for r in runs if tag.RESULT_KEY in r.data.tags
+                 and all(r.data.params.get(k) == v for k, v in params.items())), None)
 
 
 def logged_model(run_id: str, experiment_id: str, version_tags: dict[str, str]) -> str | None:
@@ -164,9 +179,7 @@ def record(result: Result, params: Params, store: Store, tags: dict[str, str], r
                 client.set_tag(found.run_id, tag.NAMES, "\n".join([*names, entry]))
             lines.append(f"record: already recorded as run '{found.name}' ({found.run_id}) in {store.uri}")
             if mine is not None and mine.run_id != found.run_id and tag.TRAINING in mine.tags:  # a repeat's
-                mark_repeat(client, mine, found)
-                lines.append(f"record: run {mine.run_id}, which watched this training, ended KILLED as a "
-                             f"repeat of run {found.run_id} (the same bytes: one run per result)")
+                lines.append(f"record: {mark_repeat(client, mine.run_id, found.run_id, found.name)}")
             return lines
         replaced = [r for r in stored if r.tags.get(tag.RESULT_KEY) == key and r.status == "FINISHED"]
         run_tags = {
