@@ -29,18 +29,18 @@ FILLER = """
 import sys, time
 import mlflow
 from mlflow.entities import Metric, Param, RunTag
-from mnist_pipeline.tracking import mlflow_store
+from mnist_pipeline.tracking import mlflow_store, tag
 from mnist_pipeline.tracking.store import resolve_store
 experiment = mlflow_store.configure(resolve_store(), "mnist")
 client = mlflow.MlflowClient()
 now = int(time.time() * 1000)
 for i in range(int(sys.argv[1])):
-    run = client.create_run(experiment, run_name=f"filler-{i}", tags={"dvc.exp_name": f"filler-{i}"})
+    run = client.create_run(experiment, run_name=f"filler-{i}", tags={tag.DVC_EXP_NAME: f"filler-{i}"})
     client.log_batch(run.info.run_id,
                      params=[Param(f"group.key{k}", str(i + k)) for k in range(30)],
                      metrics=[Metric(f"curve{c}", i / (s + 1), now, s) for c in range(3) for s in range(20)]
                      + [Metric(f"test.metric{k}", i / 1000, now, 0) for k in range(8)],
-                     tags=[RunTag("result_key", f"{i:064x}"), RunTag("model_sha256", f"{i:064x}")])
+                     tags=[RunTag(tag.RESULT_KEY, f"{i:064x}"), RunTag(tag.MODEL_SHA256, f"{i:064x}")])
     client.set_terminated(run.info.run_id)
 """
 
