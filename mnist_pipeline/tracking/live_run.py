@@ -33,6 +33,8 @@ if TYPE_CHECKING:
     from mnist_pipeline.reports import LogRow
 
 REPORTS_ENV = "MNIST_LIVE_REPORTS"  # the file the first training process appends its reports to
+# A second file the reports are appended to, live run or not: a sweep's worker feeds its pruner from it (tools/sweep.py).
+REPORTS_COPY_ENV = "MNIST_REPORTS_COPY"
 SWITCH_ENV = "MNIST_LIVE_CURVES"  # "off": no run during training (record makes the run afterwards)
 # How long the stage waits for the helper's run before it trains without one: MLflow's start and a run's creation
 # take seconds; a store that takes connections and never answers would hold the training for MLflow's retries.
@@ -42,12 +44,11 @@ PROJECT = str(Path(__file__).resolve().parents[2])  # where the helper imports t
 
 
 def append_report(row: LogRow) -> None:
-    """Hand one report to the helper, if this process trains for a live run (the first process only)."""
-    path = os.environ.get(REPORTS_ENV)
-    if path:
-        # To the 6 decimals of reports/train_log.csv: MLflow's curves are the numbers `dvc plots` draws.
-        values = {key: float(f"{value:.6f}") if isinstance(value, float) else value
-                  for key, value in asdict(row).items()}
+    """Hand one report to the helper, if this process trains for a live run (the first process only), and to the
+    file REPORTS_COPY_ENV names, if set."""
+    # To the 6 decimals of reports/train_log.csv: MLflow's curves are the numbers `dvc plots` draws.
+    values = {key: float(f"{value:.6f}") if isinstance(value, float) else value for key, value in asdict(row).items()}
+    for path in filter(None, (os.environ.get(REPORTS_ENV), os.environ.get(REPORTS_COPY_ENV))):
         with open(path, "a") as file:
             file.write(json.dumps(values) + "\n")
 

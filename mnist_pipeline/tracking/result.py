@@ -11,12 +11,16 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
+from mnist_pipeline.errors import PipelineError
 from mnist_pipeline.files import sha256_file
 from mnist_pipeline.params import Params, flatten
 from mnist_pipeline.tracking import tag
 from mnist_pipeline.tracking.store import account
 
 WORKSPACE_RUN_NAME = "workspace"  # the run name of a result of `dvc repro` in the workspace (no DVC experiment)
+# Extra tags for every run of this process's results, as a JSON object of strings: a sweep's worker names its study and
+# trial here (tools/sweep.py), so the live run and record's run both carry them.
+RUN_TAGS_ENV = "MNIST_RUN_TAGS"
 
 
 @dataclass(frozen=True)
@@ -91,7 +95,20 @@ def run_tags(outputs: list[Path]) -> dict[str, str]:
     if baseline:
         tags[tag.DVC_EXP_BASELINE] = baseline
     tags[tag.ACCOUNT] = account()  # on every run: the live run, a failed training's, record's
-    return tags
+    return {**tags, **extra_tags()}
+
+
+def extra_tags() -> dict[str, str]:
+    """The tags RUN_TAGS_ENV adds to every run (none when unset); a value that is not a JSON object of strings is
+    refused in one line before any run is made."""
+    text = os.environ.get(RUN_TAGS_ENV, "")
+    try:
+        extra = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as err:
+        raise PipelineError(f"{RUN_TAGS_ENV}: not JSON ({err})") from None
+    if not isinstance(extra, dict) or not all(isinstance(v, str) for v in extra.values()):
+        raise PipelineError(f'{RUN_TAGS_ENV}: must be a JSON object of strings, e.g. {{"sweep.study": "s1"}}')
+    return extra
 
 
 def run_name(tags: dict[str, str]) -> str:
