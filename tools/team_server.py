@@ -37,6 +37,10 @@ from tools.system_packages import find_program
 
 DB_USER = "mlflow"
 DATABASES = ("mlflow", "mlflow_auth")  # runs and models; the auth app's users and permissions
+# The sweeps' Optuna studies (tools/sweep.py): a database and a role of their own, apart from MLflow's (both keep an
+# `alembic_version` table), the one part of PostgreSQL that teammates' machines reach; the role reaches nothing else.
+SWEEP_DB = SWEEP_ROLE = "optuna"
+SWEEP_PGPASS = "sweep.pgpass"  # the line a teammate puts in ~/.pgpass (mode 600) to join a study
 # Every account reads everything; add-user grants logging runs (EDIT on the experiment) and, for some, registering
 # model versions and moving the champion alias (EDIT on the registered model): the served model's code is theirs.
 DEFAULT_PERMISSION = "READ"
@@ -140,9 +144,46 @@ class TeamServer:
     def start_db(self, settings: Settings) -> None:
         if self.db_running():
             return
-        options = f"-c listen_addresses=127.0.0.1 -c port={settings.db_port} -c unix_socket_directories={self.pg}"
+        self.allow_sweep_role()
+        # Beside 127.0.0.1 (mlflow server's), the server's address: the sweeps' workers on other machines connect.
+        listen = "127.0.0.1" if settings.host in ("127.0.0.1", "localhost") else (
+            "*" if settings.host in ("0.0.0.0", "::") else f"127.0.0.1,{settings.host}")
+        options = f"-c listen_addresses={listen} -c port={settings.db_port} -c unix_socket_directories={self.pg}"
         self.pg_run([pg_bin("pg_ctl"), "start", "-D", str(self.pg), "-l", str(self.pg / "postgres.log"),
                      "-w", "-t", "60", "-o", options], f"PostgreSQL on 127.0.0.1:{settings.db_port}")
+
+    def allow_sweep_role(self) -> None:
+        """pg_hba.conf: the sweep role may reach its own database from any address, with its password; every other
+        role stays on 127.0.0.1 (initdb's rules)."""
+        hba = self.pg / "pg_hba.conf"
+        rule = f"host {SWEEP_DB} {SWEEP_ROLE} all scram-sha-256"
+        if rule not in self.read_as_db_owner(hba):
+            self.pg_run(["sh", "-c", f'printf "%s\\n" "{rule}" >> "{hba}"'], "allowing the sweep role")
+
+    def read_as_db_owner(self, path: Path) -> str:
+        result = subprocess.run(self.as_db_owner(["cat", str(path)]), capture_output=True, text=True)
+        return result.stdout
+
+    def sweep_storage(self, settings: Settings) -> str:
+        """The Optuna storage URL teammates join studies with (no password: libpq reads it from ~/.pgpass)."""
+        host = "127.0.0.1" if settings.host in ("0.0.0.0", "::") else settings.host
+        return f"postgresql+psycopg2://{SWEEP_ROLE}@{host}:{settings.db_port}/{SWEEP_DB}"
+
+    def create_sweep_database(self, cursor: object, settings: Settings) -> None:
+        """The sweep role (a generated password, LOGIN, nothing else) and its database; MLflow's databases closed to
+        it. The password reaches PostgreSQL in the statement, never a command line; a teammate gets it as a
+        ~/.pgpass line, written into the data folder (0600)."""
+        password = self.secret("sweep-db-password")
+        cursor.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (SWEEP_ROLE,))
+        verb = "ALTER" if cursor.fetchone() else "CREATE"
+        cursor.execute(f'{verb} ROLE "{SWEEP_ROLE}" WITH LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD %s',
+                       (password,))
+        cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (SWEEP_DB,))
+        if cursor.fetchone() is None:
+            cursor.execute(f'CREATE DATABASE "{SWEEP_DB}" OWNER "{SWEEP_ROLE}"')
+        for name in (*DATABASES, "postgres"):
+            cursor.execute(f'REVOKE CONNECT ON DATABASE "{name}" FROM PUBLIC')
+        self.private_file(self.data / SWEEP_PGPASS, f"*:{settings.db_port}:{SWEEP_DB}:{SWEEP_ROLE}:{password}\n")
 
     def create_databases(self, settings: Settings) -> None:
         import psycopg2  # only the server needs the driver
@@ -160,6 +201,7 @@ class TeamServer:
                     cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
                     if cursor.fetchone() is None:
                         cursor.execute(f'CREATE DATABASE "{name}"')
+                self.create_sweep_database(cursor, settings)
         finally:
             connection.close()
 
@@ -403,6 +445,8 @@ def main() -> None:
     elif args.command == "start":
         url = server.start(settings, args.stop_after)
         print(f"team server: {url} (PostgreSQL on 127.0.0.1:{settings.db_port}, artifacts in {server.artifacts})")
+        print(f"team server: sweep studies: --storage {server.sweep_storage(settings)}; a teammate puts the line of "
+              f"{server.data / SWEEP_PGPASS} into ~/.pgpass (chmod 600) to join (docs/sweeps.md)")
     elif args.command == "stop":
         server.stop()
         print(f"team server {server.data}: stopped")
