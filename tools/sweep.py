@@ -48,6 +48,14 @@ class SweepError(PipelineError):
     """A sweep that cannot go on, in one line."""
 
 
+class TrialFailed(SweepError):
+    """A trial whose `dvc exp run` failed (a recipe that does not learn, a stage's error): FAIL in the study, not
+    counted in the budget; the worker goes on, unless MAX_FAILURES trials in a row failed so."""
+
+
+MAX_FAILURES = 3
+
+
 # ---- the storage and its lock --------------------------------------------------------------------------------------
 def shown(url: str) -> str:
     """A storage URL as messages show it: never with a password."""
@@ -339,6 +347,7 @@ class Worker:
         self.study, self.space, self.experiment, self.push, self.log_dir = study, space, experiment, push, log_dir
         self.url = url
         self.say = say
+        self.failures: list[str] = []  # the trials that failed in a row, in words
         self.lock: BudgetLock | None = None
 
     def objective(self, trial: Any) -> float:
@@ -381,6 +390,7 @@ class Worker:
                 stop_trial(process)
                 raise
         if pruned_at is not None:
+            self.failures.clear()
             run_id = mark_pruned(self.experiment, self.study.study_name, trial.number, int(pruned_at["iteration"]),
                                  float(pruned_at["val_acc"]))
             if run_id:
@@ -392,7 +402,10 @@ class Worker:
             lines = text_lines(log.read_text(errors="replace"))
             why = next((line for line in reversed(lines) if line.startswith(("ERROR", "error"))), lines[-1] if lines
                        else "no output")
-            raise SweepError(f"trial {trial.number} ({name}): dvc exp run failed: {why} (log: {log})")
+            self.failures.append(f"trial {trial.number} ({name}): dvc exp run failed: {why} (log: {log})")
+            self.say(f"sweep: {self.failures[-1]}; the trial is FAIL, not counted")
+            raise TrialFailed(self.failures[-1])
+        self.failures.clear()
         value = experiment_value(name)
         run_id = recorded_run(self.experiment, self.study.study_name, trial.number, name)
         if run_id:
@@ -426,7 +439,9 @@ class Worker:
                 if finished >= budget:
                     return now
                 if finished + now["RUNNING"] < budget:
-                    self.study.optimize(self.objective, n_trials=1)  # its objective releases the lock
+                    self.study.optimize(self.objective, n_trials=1, catch=(TrialFailed,))  # it releases the lock
+                    if len(self.failures) >= MAX_FAILURES:
+                        raise SweepError(f"{len(self.failures)} trials in a row failed, the last: {self.failures[-1]}")
                     continue
             finally:
                 self.lock.release()
