@@ -27,8 +27,8 @@ import yaml
 
 from mnist_pipeline.search_space import SpaceError, load_space
 from tests.conftest import (
-    REPO, built_once, committed_params_text, copy_project, copy_workdir, dvc, free_port, idx_bytes, program,
-    project_env, shrunk_params, tiny_arrays,
+    REPO, built_once, committed_params_text, copy_project, copy_workdir, dvc, free_port, get_json, idx_bytes,
+    program, project_env, serving, shrunk_params, tiny_arrays,
 )
 from tools.sweep import STUDY_TAG, SweepError, open_study
 
@@ -209,6 +209,16 @@ def test_the_local_default_study_prunes_a_loser_and_its_best_applies_up_to_date(
     assert f"MLflow run: {best.user_attrs['mlflow_run_id']}" in shown.stdout
     for figure in ("optimization_history", "param_importances"):
         assert (root / "figures" / f"{figure}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # Optuna's dashboard on the same storage, as docs/sweeps.md starts it: it lists the study and its trials.
+    port = free_port()
+    dashboard = [str(Path(sys.executable).with_name("optuna-dashboard")), "sqlite:///optuna.db", "--host",
+                 "127.0.0.1", "--port", str(port)]
+    with serving(["timeout", "300", *dashboard], port, "/api/studies", root, project_env()) as url:
+        (summary,) = get_json(f"{url}/api/studies")["study_summaries"]
+        assert summary["study_name"] == "local"
+        listed = get_json(f"{url}/api/studies/{summary['study_id']}?after=0")["trials"]
+        assert sorted(t["number"] for t in listed) == [t.number for t in trials]
+
     dvc(root, "exp", "apply", best.user_attrs["dvc_experiment"])
     out = dvc(root, "repro").stdout
     assert "Running stage 'train'" not in out

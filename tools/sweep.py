@@ -31,7 +31,7 @@ from typing import Any
 from mnist_pipeline.errors import PipelineError, first_line, interrupt, text_lines
 from mnist_pipeline.live_run import REPORTS_COPY_ENV
 from mnist_pipeline.result import RUN_TAGS_ENV
-from mnist_pipeline.search_space import SPACE_FILE, Space, SpaceError, load_space
+from mnist_pipeline.search_space import SPACE_FILE, Space, load_space
 
 STORAGE_ENV = "MNIST_SWEEP_STORAGE"
 LOCAL_STORAGE = "sqlite:///optuna.db"  # in the repo root, git-ignored like mlflow.db
@@ -540,13 +540,16 @@ def main() -> None:
     args = parser.parse_args()
     if args.trials is not None and args.trials < 1:
         raise SweepError(f"--trials must be at least 1, got {args.trials}")
+    from sqlalchemy.exc import SQLAlchemyError
+
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         run_command(args) if args.command == "run" else best_command(args)
-    except (SweepError, SpaceError) as err:
+    except PipelineError as err:  # a bad space, a study that cannot be joined, a store's error: one line
         sys.exit(f"sweep: {err}")
-    except PipelineError as err:
-        sys.exit(f"sweep: {err}")
+    except SQLAlchemyError as err:  # Optuna's own calls to the database (asking for a trial, telling its result)
+        url = args.storage or os.environ.get(STORAGE_ENV) or LOCAL_STORAGE
+        sys.exit(f"sweep: study storage {shown(url)}: {first_line(str(getattr(err, 'orig', None) or err))[:300]}")
     except KeyboardInterrupt:
         sys.exit("sweep: interrupted: the running trial ended FAILED in the study and its MLflow run KILLED; the study "
                  "is intact: run the same command to go on")
