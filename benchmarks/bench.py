@@ -33,6 +33,7 @@ from benchmarks.recipes import fast_recipe_runs, peer_ratios, peer_time_to_accur
 from benchmarks.record import live_curves_cost, recording_seconds, team_server_ratio
 from benchmarks.record_vs_base import DEFAULT_BASE, record_comparison
 from benchmarks.serving import evaluation_seconds, serving_rates
+from benchmarks.sweep import sweep_comparisons, sweep_rows
 from benchmarks.workspace import RAW, Tensors, load_workspace
 from mnist_pipeline import cpu_kernels
 from mnist_pipeline.files import atomic_write_json
@@ -41,7 +42,7 @@ from mnist_pipeline.params import Params, load_params
 # The report's sections, in the order they run; `--only` takes any of them.
 SECTIONS = ("loop", "ddp", "kernel_pins", "default_recipe", "fast_recipe", "peer_recipe", "record_s", "record",
             "live_curves", "team_server", "evaluate_10k_s", "serving", "startup_s", "pipeline", "noop_dvc_repro_s",
-            "gpu_epoch_s", "bookkeeping")
+            "gpu_epoch_s", "bookkeeping", "sweep")
 # A section's key in reports/benchmark.json is its name, but for `loop`'s: the key it had when the section was called
 # `throughput`, which --only still takes.
 REPORT_KEYS = {"loop": "throughput"}
@@ -75,6 +76,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--pin-repeats", type=positive_int, default=9, help="turns of the kernel pins' cost")
     parser.add_argument("--base", default=DEFAULT_BASE,
                         help="the commit the record section compares this checkout with (default %(default)s)")
+    parser.add_argument("--sweep-repeats", type=positive_int, default=3,
+                        help="sweep: pairs of a trial and a plain dvc exp run")
+    parser.add_argument("--sweep-trials", type=positive_int, default=4,
+                        help="sweep: trials of each side of the workers' comparison")
+    parser.add_argument("--sweep-space", type=Path, default=Path("sweep.yaml"),
+                        help="sweep: the space of Optuna against DVC's queue (budget: 2 to the power of its params)")
     parser.add_argument("--only", nargs="+", type=section_name, choices=SECTIONS, metavar="SECTION",
                         help=f"measure these alone, keeping the other sections of --out: {', '.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=Path("reports/benchmark.json"))
@@ -109,6 +116,7 @@ def section_table(args: argparse.Namespace, params: Params) -> dict[str, Callabl
         "pipeline": lambda: pipeline_times(Path.cwd(), RAW, params.plot.n_images, args.plot_only_runs),
         "noop_dvc_repro_s": noop_repro_seconds,
         "gpu_epoch_s": lambda: gpu_epoch_seconds(data(), params),
+        "sweep": lambda: sweep_comparisons(args.sweep_repeats, args.sweep_trials, args.sweep_space),
     }
 
 
@@ -178,6 +186,7 @@ def print_table(report: dict) -> None:
         ("no-op `dvc repro`", "n/a (not up to date)" if report["noop_dvc_repro_s"] is None
          else f"{report['noop_dvc_repro_s']} s"),
         ("GPU epoch", "n/a (no CUDA device)" if report["gpu_epoch_s"] is None else f"{report['gpu_epoch_s']} s"),
+        *sweep_rows(report.get("sweep")),
     ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

@@ -469,7 +469,8 @@ def run_command(args: argparse.Namespace) -> None:
     log_dir = Path(".dvc/tmp/sweep").resolve()
     log_dir.mkdir(parents=True, exist_ok=True)
     push = has_origin() and not args.no_push
-    worker = Worker(study, space, params.mlflow.experiment, push, log_dir, url, say=lambda line: print(line, flush=True))
+    worker = Worker(study, space, params.mlflow.experiment, push, log_dir, url,
+                    say=lambda line: print(line, flush=True))
     print(f"sweep: study {args.study!r} in {shown(url)}: budget {budget} trials; this worker on "
           f"{socket.gethostname()} (pid {os.getpid()})", flush=True)
     now = worker.work(budget)

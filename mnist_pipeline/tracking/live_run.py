@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from mnist_pipeline.reports import LogRow
 
 REPORTS_ENV = "MNIST_LIVE_REPORTS"  # the file the first training process appends its reports to
-# A second file the reports are appended to, live run or not: a sweep's worker feeds its pruner from it (tools/sweep.py).
+# A second file the reports are appended to, live run or not: a sweep worker feeds its pruner from it (tools/sweep.py)
 REPORTS_COPY_ENV = "MNIST_REPORTS_COPY"
 SWITCH_ENV = "MNIST_LIVE_CURVES"  # "off": no run during training (record makes the run afterwards)
 # How long the stage waits for the helper's run before it trains without one: MLflow's start and a run's creation
