@@ -84,18 +84,24 @@ class BudgetLock:
         else:
             import psycopg2
 
-            try:
-                if self.connection is None or self.connection.closed:
-                    u = self.url  # the password from ~/.pgpass or PGPASSFILE, as libpq reads it
-                    self.connection = psycopg2.connect(host=u.host, port=u.port, user=u.username, dbname=u.database,
-                                                       password=u.password, connect_timeout=10)
-                    self.connection.autocommit = True
-                with self.connection.cursor() as cursor:
-                    cursor.execute("SELECT pg_advisory_lock(hashtext(%s))", (self.key,))
-            except psycopg2.Error as err:
-                if self.connection is not None:
-                    self.connection.close()
-                raise SweepError(f"study storage {shown(str(self.url))}: {' '.join(str(err).split())}") from None
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if self.connection is None or self.connection.closed:
+                        u = self.url  # the password from ~/.pgpass or PGPASSFILE, as libpq reads it
+                        self.connection = psycopg2.connect(host=u.host, port=u.port, user=u.username,
+                                                           dbname=u.database, password=u.password, connect_timeout=10)
+                        self.connection.autocommit = True
+                    with self.connection.cursor() as cursor:
+                        cursor.execute("SELECT pg_advisory_lock(hashtext(%s))", (self.key,))
+                    break
+                except psycopg2.Error as err:
+                    if self.connection is not None:
+                        self.connection.close()
+                    if not unreachable(err) or time.monotonic() > deadline:  # a restart is waited out for 60 s
+                        raise SweepError(f"study storage {shown(str(self.url))}: "
+                                         f"{' '.join(str(err).split())}") from None
+                    time.sleep(1)
         self.held = True
 
     def release(self) -> None:
@@ -140,21 +146,45 @@ def storage(url: str, heartbeat_s: int, grace_s: int) -> Any:
     return store
 
 
+def database_cause(err: BaseException) -> BaseException | None:
+    """The database driver's error behind an error (Optuna wraps SQLAlchemy's in StorageInternalError), if any."""
+    from sqlalchemy.exc import DBAPIError
+
+    seen: BaseException | None = err
+    while seen is not None:
+        if isinstance(seen, DBAPIError):
+            return seen.orig or seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def unreachable(cause: BaseException) -> bool:
+    """Whether a driver's error says the database cannot be reached now (restarting, down, connection lost)."""
+    import psycopg2
+    import sqlite3
+
+    refused = ("authentication failed", "does not exist", "no password supplied", "permission denied")
+    return (isinstance(cause, (psycopg2.OperationalError, psycopg2.InterfaceError))
+            and not any(words in str(cause) for words in refused)) or (
+        isinstance(cause, sqlite3.OperationalError) and "locked" in str(cause))
+
+
 def retrying(call: Callable[[], Any], what: str, url: str, patience_s: float = 60) -> Any:
     """A call to the study's database, tried again while the database is unreachable (a restart: SQLAlchemy's pool
     reconnects), for `patience_s`; then one line naming the database."""
-    from sqlalchemy.exc import DBAPIError
-
     deadline = time.monotonic() + patience_s
     while True:
         try:
             return call()
-        except DBAPIError as err:
-            if not err.connection_invalidated and "could not connect" not in str(err) and "closed" not in str(err):
-                raise SweepError(f"study storage {shown(url)}: {what}: {first_line(str(err.orig))}") from None
+        except Exception as err:
+            cause = database_cause(err)
+            if cause is None:
+                raise
+            if not unreachable(cause):
+                raise SweepError(f"study storage {shown(url)}: {what}: {first_line(str(cause))}") from None
             if time.monotonic() > deadline:
                 raise SweepError(f"study storage {shown(url)}: unreachable for {patience_s:.0f} s ({what}): "
-                                 f"{first_line(str(err.orig))}") from None
+                                 f"{first_line(str(cause))}") from None
             time.sleep(1)
 
 
@@ -386,6 +416,10 @@ class Worker:
                         seconds = stop_trial(process)
                         trial.set_user_attr("stopped_in_s", round(seconds, 2))
                         break
+                if pruned_at is None:  # the reports made after the last look: the trial's whole curve in Optuna
+                    for row in read_reports(reports, done)[0]:
+                        retrying(lambda: trial.report(float(row["val_acc"]), int(row["iteration"])), "report",
+                                 self.url)
             except BaseException:  # Ctrl+C, SIGTERM, a storage error: the training stops with the worker
                 stop_trial(process)
                 raise
@@ -400,8 +434,9 @@ class Worker:
             raise optuna.TrialPruned(f"val_acc {pruned_at['val_acc']} at iteration {pruned_at['iteration']}")
         if process.returncode != 0:
             lines = text_lines(log.read_text(errors="replace"))
-            why = next((line for line in reversed(lines) if line.startswith(("ERROR", "error"))), lines[-1] if lines
-                       else "no output")
+            # A stage's own one line (`error: ...`) says why; DVC's ERROR lines only say which stage failed.
+            why = next((line for line in lines if line.startswith("error:")), None) or next(
+                (line for line in reversed(lines) if line.startswith("ERROR")), lines[-1] if lines else "no output")
             self.failures.append(f"trial {trial.number} ({name}): dvc exp run failed: {why} (log: {log})")
             self.say(f"sweep: {self.failures[-1]}; the trial is FAIL, not counted")
             raise TrialFailed(self.failures[-1])
@@ -541,16 +576,22 @@ def main() -> None:
     args = parser.parse_args()
     if args.trials is not None and args.trials < 1:
         raise SweepError(f"--trials must be at least 1, got {args.trials}")
-    from sqlalchemy.exc import SQLAlchemyError
-
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         run_command(args) if args.command == "run" else best_command(args)
     except PipelineError as err:  # a bad space, a study that cannot be joined, a store's error: one line
         sys.exit(f"sweep: {err}")
-    except SQLAlchemyError as err:  # Optuna's own calls to the database (asking for a trial, telling its result)
+    except Exception as err:  # Optuna's own calls to the database (asking for a trial, telling its result)
+        from optuna.exceptions import UpdateFinishedTrialError
+
         url = args.storage or os.environ.get(STORAGE_ENV) or LOCAL_STORAGE
-        sys.exit(f"sweep: study storage {shown(url)}: {first_line(str(getattr(err, 'orig', None) or err))[:300]}")
+        if isinstance(err, UpdateFinishedTrialError):
+            sys.exit(f"sweep: study storage {shown(url)}: {first_line(str(err))}: another worker failed this trial "
+                     "while its heartbeat could not reach the database; it is run again, its result not counted")
+        cause = database_cause(err)
+        if cause is None:
+            raise
+        sys.exit(f"sweep: study storage {shown(url)}: {first_line(str(cause))[:300]}")
     except KeyboardInterrupt:
         sys.exit("sweep: interrupted: the running trial ended FAILED in the study and its MLflow run KILLED; the study "
                  "is intact: run the same command to go on")
