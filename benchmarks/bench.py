@@ -33,7 +33,7 @@ from benchmarks.recipes import fast_recipe_runs, peer_ratios, peer_time_to_accur
 from benchmarks.record import live_curves_cost, recording_seconds, team_server_ratio
 from benchmarks.record_vs_base import DEFAULT_BASE, record_comparison
 from benchmarks.serving import evaluation_seconds, serving_rates
-from benchmarks.sweep import sweep_comparisons, sweep_rows
+from benchmarks.sweep import PARTS, sweep_comparisons, sweep_rows
 from benchmarks.workspace import RAW, Tensors, load_workspace
 from mnist_pipeline import cpu_kernels
 from mnist_pipeline.files import atomic_write_json
@@ -82,6 +82,8 @@ def parse_args() -> argparse.Namespace:
                         help="sweep: trials of each side of the workers' comparison")
     parser.add_argument("--sweep-space", type=Path, default=Path("sweep.yaml"),
                         help="sweep: the space of Optuna against DVC's queue (budget: 2 to the power of its params)")
+    parser.add_argument("--sweep-parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="sweep: measure these comparisons alone, keeping the others of --out")
     parser.add_argument("--only", nargs="+", type=section_name, choices=SECTIONS, metavar="SECTION",
                         help=f"measure these alone, keeping the other sections of --out: {', '.join(SECTIONS)}")
     parser.add_argument("--out", type=Path, default=Path("reports/benchmark.json"))
@@ -116,7 +118,8 @@ def section_table(args: argparse.Namespace, params: Params) -> dict[str, Callabl
         "pipeline": lambda: pipeline_times(Path.cwd(), RAW, params.plot.n_images, args.plot_only_runs),
         "noop_dvc_repro_s": noop_repro_seconds,
         "gpu_epoch_s": lambda: gpu_epoch_seconds(data(), params),
-        "sweep": lambda: sweep_comparisons(args.sweep_repeats, args.sweep_trials, args.sweep_space),
+        "sweep": lambda: sweep_comparisons(args.sweep_repeats, args.sweep_trials, args.sweep_space, args.sweep_parts,
+                                           json.loads(args.out.read_text()).get("sweep") if args.out.exists() else None),
     }
 
 

@@ -163,18 +163,27 @@ def sampler_against_queue(root_optuna: Path, root_queue: Path, space_file: Path)
             "queue_s": round(queue_s), "space": str(space_file)}
 
 
-def sweep_comparisons(repeats: int, trials: int, space_file: Path) -> dict:
+PARTS = ("trial_vs_exp_run", "workers", "sampler_vs_queue")
+
+
+def sweep_comparisons(repeats: int, trials: int, space_file: Path, parts: list[str], previous: dict | None) -> dict:
+    """The three comparisons, or those in `parts` (the others kept from `previous`): each runs for minutes."""
     source = Path.cwd()
+    report = dict(previous or {})
     with tempfile.TemporaryDirectory(prefix="bench-sweep-") as folder:
         a, b = clone(source, Path(folder) / "a"), clone(source, Path(folder) / "b")
-        return {"trial_vs_exp_run": trial_against_exp_run(a, repeats),
-                "workers": workers_per_hour([a, b], trials),
-                "sampler_vs_queue": sampler_against_queue(a, b, space_file)}
+        measure = {"trial_vs_exp_run": lambda: trial_against_exp_run(a, repeats),
+                   "workers": lambda: workers_per_hour([a, b], trials),
+                   "sampler_vs_queue": lambda: sampler_against_queue(a, b, space_file)}
+        for part in parts:
+            report[part] = measure[part]()
+    return report
 
 
 def sweep_rows(report: dict | None) -> list[tuple[str, str]]:
-    if report is None:
-        return [("sweep: a trial / plain dvc exp run", "n/a (not measured in this report)")]
+    missing = [part for part in PARTS if part not in (report or {})]
+    if missing:
+        return [(f"sweep: {part}", "n/a (not measured in this report)") for part in missing]
     w, t, s = report["workers"], report["trial_vs_exp_run"], report["sampler_vs_queue"]
     return [
         (f"sweep: a trial / plain `dvc exp run --temp` (1 epoch, median of {t['repeats']} pairs)",
