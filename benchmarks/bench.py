@@ -93,6 +93,7 @@ def parse_args() -> argparse.Namespace:
 def section_table(args: argparse.Namespace, params: Params) -> dict[str, Callable[[], object]]:
     """Each section's measurement, by name; the data is read once, by the first section that needs it."""
     workspace = functools.cache(lambda: load_workspace(params.train.deskew))
+    earlier = json.loads(args.out.read_text()) if args.out.exists() else {}
 
     def data() -> Tensors:
         return workspace().data
@@ -119,7 +120,7 @@ def section_table(args: argparse.Namespace, params: Params) -> dict[str, Callabl
         "noop_dvc_repro_s": noop_repro_seconds,
         "gpu_epoch_s": lambda: gpu_epoch_seconds(data(), params),
         "sweep": lambda: sweep_comparisons(args.sweep_repeats, args.sweep_trials, args.sweep_space, args.sweep_parts,
-                                           json.loads(args.out.read_text()).get("sweep") if args.out.exists() else None),
+                                           earlier.get("sweep")),
     }
 
 
