@@ -421,6 +421,7 @@ def test_postgresql_restarted_under_a_worker_counts_no_trial_twice(server: dict,
         trials = trials_of(server["storage"], "restart")
     finally:
         del os.environ["PGPASSFILE"]
+    print(f"PostgreSQL restarted under a worker: it exited {code}; its last line: {log.strip().splitlines()[-1]}")
     numbers = [t.number for t in trials]
     assert len(numbers) == len(set(numbers))
     if code == 0:  # reconnected: the study is whole
