@@ -30,7 +30,8 @@ from tests.conftest import (
     REPO, built_once, committed_params_text, copy_project, copy_workdir, dvc, free_port, get_json, idx_bytes,
     program, project_env, serving, shrunk_params, tiny_arrays,
 )
-from tools.sweep import STUDY_TAG, SweepError, open_study
+from mnist_pipeline.tracking import tag
+from tools.sweep import SweepError, open_study
 
 SPACE = {
     "fixed": {"train.epochs": 3},
@@ -158,7 +159,7 @@ def by_state(trials: list[optuna.trial.FrozenTrial], *states: str) -> list[optun
 
 def sweep_runs(experiment: str, study: str) -> list[mlflow.entities.Run]:
     found = mlflow.get_experiment_by_name(experiment)
-    return mlflow.search_runs([found.experiment_id], filter_string=f"tags.`{STUDY_TAG}` = '{study}'",
+    return mlflow.search_runs([found.experiment_id], filter_string=f"tags.`{tag.SWEEP_STUDY}` = '{study}'",
                               output_format="list")
 
 

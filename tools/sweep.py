@@ -29,14 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from mnist_pipeline.errors import PipelineError, first_line, interrupt, text_lines
-from mnist_pipeline.live_run import REPORTS_COPY_ENV
-from mnist_pipeline.result import RUN_TAGS_ENV
 from mnist_pipeline.search_space import SPACE_FILE, Space, load_space
+from mnist_pipeline.tracking import tag
+from mnist_pipeline.tracking.live_run import REPORTS_COPY_ENV
+from mnist_pipeline.tracking.result import RUN_TAGS_ENV
 
 STORAGE_ENV = "MNIST_SWEEP_STORAGE"
 LOCAL_STORAGE = "sqlite:///optuna.db"  # in the repo root, git-ignored like mlflow.db
-# The MLflow tags of a trial's runs (the live run and record's), set through result.RUN_TAGS_ENV.
-STUDY_TAG, TRIAL_TAG, PRUNED_TAG = "sweep.study", "sweep.trial", "sweep.pruned"
 OBJECTIVE = "train.best_val_acc"
 POLL_S = 0.5
 STOP_TIMEOUT_S = 60
@@ -326,31 +325,31 @@ def mlflow_client(experiment: str) -> tuple[Any, str]:
 
     import mlflow
 
-    from mnist_pipeline import tracking
-    from mnist_pipeline.store import resolve_store
+    from mnist_pipeline.tracking import mlflow_store
+    from mnist_pipeline.tracking.store import resolve_store
 
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     store = resolve_store()
-    with tracking.store_errors(store, "the trial's run is not tagged"):
-        return mlflow.MlflowClient(), tracking.configure(store, experiment)
+    with mlflow_store.store_errors(store, "the trial's run is not tagged"):
+        return mlflow.MlflowClient(), mlflow_store.configure(store, experiment)
 
 
 def trial_runs(experiment: str, study: str, number: int) -> list[Any]:
     client, experiment_id = mlflow_client(experiment)
-    return client.search_runs([experiment_id], filter_string=(f"tags.`{STUDY_TAG}` = '{study}' and "
-                                                             f"tags.`{TRIAL_TAG}` = '{number}'"))
+    return client.search_runs([experiment_id], filter_string=(f"tags.`{tag.SWEEP_STUDY}` = '{study}' and "
+                                                             f"tags.`{tag.SWEEP_TRIAL}` = '{number}'"))
 
 
 def recorded_run(experiment: str, study: str, number: int, name: str) -> str | None:
     """The FINISHED run of a completed trial: the one tagged with it, else (a result recorded before, restored from
     DVC's run-cache) the run whose dvc.names lists its experiment."""
     finished = [r for r in trial_runs(experiment, study, number) if r.info.status == "FINISHED"
-                and "result_key" in r.data.tags]
+                and tag.RESULT_KEY in r.data.tags]
     if finished:
         return finished[0].info.run_id
     client, experiment_id = mlflow_client(experiment)
-    for run in client.search_runs([experiment_id], filter_string=f"tags.`dvc.names` LIKE '% {name}%'"):
-        if any(line.split(" ", 1)[-1] == name for line in run.data.tags["dvc.names"].splitlines()):
+    for run in client.search_runs([experiment_id], filter_string=f"tags.`{tag.NAMES}` LIKE '% {name}%'"):
+        if any(line.split(" ", 1)[-1] == name for line in run.data.tags[tag.NAMES].splitlines()):
             return run.info.run_id
     return None
 
@@ -364,8 +363,8 @@ def mark_pruned(experiment: str, study: str, number: int, iteration: int, value:
             client.set_terminated(run.info.run_id, "KILLED")
         note = (f"Pruned by the sweep's pruner: trial {number} of study `{study}` stopped at iteration {iteration} "
                 f"(validation accuracy {value:.4f}); not recorded, no model registered.")
-        client.set_tag(run.info.run_id, PRUNED_TAG, "true")
-        client.set_tag(run.info.run_id, "mlflow.note.content", note)
+        client.set_tag(run.info.run_id, tag.SWEEP_PRUNED, "true")
+        client.set_tag(run.info.run_id, tag.NOTE, note)
     return runs[0].info.run_id if runs else None
 
 
@@ -393,7 +392,8 @@ class Worker:
             reports = Path(folder) / "reports.jsonl"
             log = self.log_dir / f"{name}.log"
             env = {**os.environ, REPORTS_COPY_ENV: str(reports),
-                   RUN_TAGS_ENV: json.dumps({STUDY_TAG: self.study.study_name, TRIAL_TAG: str(trial.number)}),
+                   RUN_TAGS_ENV: json.dumps({tag.SWEEP_STUDY: self.study.study_name,
+                                             tag.SWEEP_TRIAL: str(trial.number)}),
                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
             command = [sys.executable, "-m", "dvc", "exp", "run", "--temp", "-n", name,
                        *[arg for k, v in values.items() for arg in ("-S", f"{k}={v}")]]

@@ -50,3 +50,7 @@ RUNNING, TRAINED, FAILED, KILLED, REPEAT = "running", "trained", "failed", "kill
 HEARTBEAT = "heartbeat"
 FAILURE = "failure"  # why a training or a run ended early, in one line
 REPEAT_OF = "repeat_of"  # the run of the result a repeated training reproduced
+
+# A sweep's trial (tools/sweep.py, docs/sweeps.md): its study and number on each run of it (set through
+# result.RUN_TAGS_ENV: the live run and record's), and on a pruned trial's run, that the pruner stopped it.
+SWEEP_STUDY, SWEEP_TRIAL, SWEEP_PRUNED = "sweep.study", "sweep.trial", "sweep.pruned"
