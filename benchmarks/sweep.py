@@ -181,16 +181,21 @@ def sweep_comparisons(repeats: int, trials: int, space_file: Path, parts: list[s
 
 
 def sweep_rows(report: dict | None) -> list[tuple[str, str]]:
-    missing = [part for part in PARTS if part not in (report or {})]
-    if missing:
-        return [(f"sweep: {part}", "n/a (not measured in this report)") for part in missing]
-    w, t, s = report["workers"], report["trial_vs_exp_run"], report["sampler_vs_queue"]
-    return [
-        (f"sweep: a trial / plain `dvc exp run --temp` (1 epoch, median of {t['repeats']} pairs)",
-         f"{t['trial_s']} s / {t['plain_s']} s = {t['ratio']}x ({t['ratio_min']}-{t['ratio_max']})"),
-        (f"  trials per hour, 2 workers x 1 thread / 1 worker x 2 threads ({w['trials']} trials each)",
-         f"{w['two_by_1_per_hour']} / {w['one_by_2_per_hour']} = {w['ratio_two_by_1_over_one_by_2']}x"),
-        (f"  best val acc over {s['budget']} trials, Optuna / DVC's queue (one study each)",
-         f"{s['optuna_best_val_acc']} ({s['optuna_complete']} complete, {s['optuna_pruned']} pruned, "
-         f"{s['optuna_s']} s) / {s['queue_best_val_acc']} ({s['queue_experiments']} experiments, {s['queue_s']} s)"),
-    ]
+    """Each comparison measured, n/a for the others."""
+    report = report or {}
+    rows = []
+    if "trial_vs_exp_run" in report:
+        t = report["trial_vs_exp_run"]
+        rows.append((f"sweep: a trial / plain `dvc exp run --temp` (1 epoch, median of {t['repeats']} pairs)",
+                     f"{t['trial_s']} s / {t['plain_s']} s = {t['ratio']}x ({t['ratio_min']}-{t['ratio_max']})"))
+    if "workers" in report:
+        w = report["workers"]
+        rows.append((f"sweep: trials per hour, 2 workers x 1 thread / 1 worker x 2 threads ({w['trials']} trials each)",
+                     f"{w['two_by_1_per_hour']} / {w['one_by_2_per_hour']} = {w['ratio_two_by_1_over_one_by_2']}x"))
+    if "sampler_vs_queue" in report:
+        q = report["sampler_vs_queue"]
+        rows.append((f"sweep: best val acc over {q['budget']} trials, Optuna / DVC's queue (one study each)",
+                     f"{q['optuna_best_val_acc']} ({q['optuna_complete']} complete, {q['optuna_pruned']} pruned, "
+                     f"{q['optuna_s']} s) / {q['queue_best_val_acc']} ({q['queue_experiments']} experiments, "
+                     f"{q['queue_s']} s)"))
+    return rows + [(f"sweep: {part}", "n/a (not measured in this report)") for part in PARTS if part not in report]
