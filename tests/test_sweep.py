@@ -432,3 +432,13 @@ def test_postgresql_restarted_under_a_worker_counts_no_trial_twice(server: dict,
         last = log.strip().splitlines()[-1]
         assert last.startswith(f"sweep: study storage {server['storage']}"), log
         assert len(by_state(trials, "COMPLETE")) <= 2
+
+
+def test_the_benchmark_gives_dvc_queue_the_grid_of_the_same_ranges() -> None:
+    from benchmarks.sweep import grid
+
+    args, budget = grid(REPO / "sweep.yaml")
+    assert budget == 8  # two values of each of the three searched params
+    assert args == ["-S", "train.epochs=1", "-S", "train.log_every=50",
+                    "-S", "train.lr=0.00234,0.012819",  # a quarter and three quarters into the log range
+                    "-S", "train.weight_decay=0.05,0.15", "-S", "train.batch_size=128,512"]
