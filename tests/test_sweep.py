@@ -301,9 +301,11 @@ def team_clone(origin: Path, remote: Path, dest: Path, **env: str) -> Path:
 def start_worker(clone: Path, log: Path, *args: str, **env: str) -> subprocess.Popen[str]:
     """A worker in a session of its own: its process group is what a crash takes down."""
     with log.open("w") as out:
+        # Ctrl+C's signal as a terminal delivers it, whatever this test's caller ignored (a shell's background job
+        # ignores SIGINT, and its children inherit that).
         return subprocess.Popen([sys.executable, "-m", "tools.sweep", "run", *args], cwd=clone,
                                 env=project_env(**env), stdout=out, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(what: str, check: object, timeout_s: float = 300) -> object:
