@@ -63,9 +63,9 @@ MNIST_LOCK_TIMEOUT_S = 600
 BUILD_LOCK_TIMEOUT_S = 900
 # The order in which `pytest -n` hands out modules (pyproject.toml turns off pytest-xdist's own order, by number of
 # tests); a module stays on one worker. The ones that take minutes go first, so no worker is left alone with one at
-# the end, but for two that need no real data, second and third: the next worker runs them while the first builds
+# the end, but for three that need no real data, second to fourth: the next worker runs them while the first builds
 # `real_baseline`.
-MODULE_ORDER = ("test_team.py", "test_tracking.py", "test_stages.py", "test_experiments.py", "test_one_run.py",
+MODULE_ORDER = ("test_team.py", "test_sweep.py", "test_tracking.py", "test_stages.py", "test_experiments.py", "test_one_run.py",
                 "test_distributed.py", "test_e2e.py")
 
 
