@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -340,9 +341,16 @@ def trial_runs(experiment: str, study: str, number: int) -> list[Any]:
                                                              f"tags.`{tag.SWEEP_TRIAL}` = '{number}'"))
 
 
-def recorded_run(experiment: str, study: str, number: int, name: str) -> str | None:
-    """The FINISHED run of a completed trial: the one tagged with it, else (a result recorded before, restored from
-    DVC's run-cache) the run whose dvc.names lists its experiment."""
+# What the record stage prints (tracking/recording.py, stages/record.py): the run's id, without MLflow's start-up here.
+RECORD_LINE = re.compile(r"^record: (?:MLflow run|already recorded as run) '[^']*' \(([0-9a-f]{32})\)", re.M)
+
+
+def recorded_run(experiment: str, study: str, number: int, name: str, log: Path) -> str | None:
+    """The FINISHED run of a completed trial: as record printed it in the trial's log; else the one tagged with the
+    trial, or (a result recorded before, restored from DVC's run-cache) the run whose dvc.names lists its experiment."""
+    printed = RECORD_LINE.findall(log.read_text(errors="replace"))
+    if printed:
+        return printed[-1]
     finished = [r for r in trial_runs(experiment, study, number) if r.info.status == "FINISHED"
                 and tag.RESULT_KEY in r.data.tags]
     if finished:
@@ -442,7 +450,7 @@ class Worker:
             raise TrialFailed(self.failures[-1])
         self.failures.clear()
         value = experiment_value(name)
-        run_id = recorded_run(self.experiment, self.study.study_name, trial.number, name)
+        run_id = recorded_run(self.experiment, self.study.study_name, trial.number, name, log)
         if run_id:
             trial.set_user_attr("mlflow_run_id", run_id)
         pushed = ""
