@@ -340,8 +340,8 @@ def test_two_workers_share_one_study_one_is_killed_and_the_budget_is_exact(serve
     args = ["--study", "team", "--storage", server["storage"], "--space", "space.yaml", "--heartbeat", "1",
             "--grace", "4"]
     started = time.monotonic()
-    worker_a = start_worker(a, tmp_path / "a.log", *args, "--trials", "5", **env)
-    wait_for("worker a's study", lambda: "budget 5 trials" in (tmp_path / "a.log").read_text(), 120)
+    worker_a = start_worker(a, tmp_path / "a.log", *args, "--trials", "6", **env)
+    wait_for("worker a's study", lambda: "budget 6 trials" in (tmp_path / "a.log").read_text(), 120)
     worker_b = start_worker(b, tmp_path / "b.log", *args, **env)  # joins: the budget is the study's
     try:
         wait_for("worker a's first report", lambda: training_reported(a))
@@ -352,16 +352,16 @@ def test_two_workers_share_one_study_one_is_killed_and_the_budget_is_exact(serve
         for worker in (worker_a, worker_b):
             if worker.poll() is None:
                 os.killpg(worker.pid, signal.SIGKILL)
-    print(f"team study of 5 trials, one worker killed: {time.monotonic() - started:.0f} s")
+    print(f"team study of 6 trials, one worker killed: {time.monotonic() - started:.0f} s")
     log_b = (tmp_path / "b.log").read_text()
-    assert "sweep: study 'team' has its 5 of 5 trials (5 complete, 0 pruned, 1 failed and not counted)" in log_b
+    assert "sweep: study 'team' has its 6 of 6 trials (6 complete, 0 pruned, 1 failed and not counted)" in log_b
 
     os.environ["PGPASSFILE"] = env["PGPASSFILE"]
     try:
         trials = trials_of(server["storage"], "team")
     finally:
         del os.environ["PGPASSFILE"]
-    assert len(by_state(trials, "COMPLETE")) == 5
+    assert len(by_state(trials, "COMPLETE")) == 6
     (failed,) = by_state(trials, "FAIL")  # a's trial, failed by its stopped heartbeat
     retried = [t for t in trials if t.system_attrs.get("failed_trial") == failed.number]
     assert len(retried) == 1 and retried[0].state.name == "COMPLETE" and retried[0].params == failed.params
