@@ -55,9 +55,11 @@ def write_space(root: Path, space: dict, name: str = "bench-space.yaml") -> str:
     return name
 
 
-def sweep(root: Path, study: str, space: str, trials: int | None) -> subprocess.Popen[str]:
-    budget = ["--trials", str(trials)] if trials else []
-    command = [sys.executable, "-m", "tools.sweep", "run", "--study", study, "--space", space, "--no-push", *budget]
+def sweep(root: Path, study: str, space: str, trials: int, storage: str | None = None) -> subprocess.Popen[str]:
+    """A worker; every worker of a study names its budget (the same), so whichever starts first makes the study."""
+    where = ["--storage", storage] if storage else []
+    command = [sys.executable, "-m", "tools.sweep", "run", "--study", study, "--space", space, "--no-push",
+               "--trials", str(trials), *where]
     return subprocess.Popen(command, cwd=root, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
 
@@ -100,10 +102,12 @@ def workers_per_hour(roots: list[Path], trials: int) -> dict:
         name = None
         for root in workers:
             name = write_space(root, space, f"space-{side}.yaml")
+        # One study for the workers of both clones: the first clone's SQLite file, and the budget lock beside it.
+        storage = f"sqlite:///{workers[0].resolve() / 'optuna.db'}"
+        open_first = sweep(workers[0], side, name, trials, storage)
+        time.sleep(3)  # the first worker makes the study's tables: two processes creating one SQLite store fail
         start = time.perf_counter()
-        processes = [sweep(workers[0], side, name, trials)]
-        time.sleep(5)  # the first worker makes the study; the others join it
-        processes += [sweep(root, side, name, None) for root in workers[1:]]
+        processes = [open_first, *(sweep(root, side, name, trials, storage) for root in workers[1:])]
         for process in processes:
             waited(process)
         rates[f"{side}_per_hour"] = round(trials / (time.perf_counter() - start) * 3600, 1)
