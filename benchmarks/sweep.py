@@ -104,9 +104,10 @@ def workers_per_hour(roots: list[Path], trials: int) -> dict:
             name = write_space(root, space, f"space-{side}.yaml")
         # One study for the workers of both clones: the first clone's SQLite file, and the budget lock beside it.
         storage = f"sqlite:///{workers[0].resolve() / 'optuna.db'}"
-        open_first = sweep(workers[0], side, name, trials, storage)
-        time.sleep(3)  # the first worker makes the study's tables: two processes creating one SQLite store fail
         start = time.perf_counter()
+        open_first = sweep(workers[0], side, name, trials, storage)
+        if workers[1:]:
+            time.sleep(3)  # the first worker makes the study's tables: two processes creating one SQLite store fail
         processes = [open_first, *(sweep(root, side, name, trials, storage) for root in workers[1:])]
         for process in processes:
             waited(process)
