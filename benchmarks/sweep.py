@@ -90,7 +90,8 @@ def trial_against_exp_run(root: Path, repeats: int) -> dict:
 
     times = in_turns(measure, ("trial", "plain"), repeats)
     return {"trial_s": round(statistics.median(times["trial"]), 1),
-            "plain_s": round(statistics.median(times["plain"]), 1), "repeats": repeats, **ratio_spread(times["trial"], times["plain"])}
+            "plain_s": round(statistics.median(times["plain"]), 1), "repeats": repeats,
+            **ratio_spread(times["trial"], times["plain"])}
 
 
 def workers_per_hour(roots: list[Path], trials: int) -> dict:
