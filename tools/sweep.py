@@ -455,8 +455,10 @@ class Worker:
             trial.set_user_attr("mlflow_run_id", run_id)
         pushed = ""
         if self.push:
+            # No prompt for a login (a public clone's origin): git fails at once, and the trial says it in one line.
             result = subprocess.run([sys.executable, "-m", "dvc", "exp", "push", "origin", name], capture_output=True,
-                                    text=True, env={**os.environ, "PATH": env["PATH"]})
+                                    text=True, stdin=subprocess.DEVNULL,
+                                    env={**os.environ, "PATH": env["PATH"], "GIT_TERMINAL_PROMPT": "0"})
             pushed = "; pushed to origin" if result.returncode == 0 else (
                 f"; NOT pushed ({first_line(result.stderr or result.stdout)}): `dvc exp push origin {name}` later")
             trial.set_user_attr("pushed", result.returncode == 0)
