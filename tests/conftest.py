@@ -521,6 +521,17 @@ def wait_for_queue(clone: Path, timeout_s: float, until: Callable[[str], bool] =
     return status
 
 
+def wait_until(what: str, check: Callable[[], object], process: subprocess.Popen | None = None,
+               timeout: float = 300) -> object:
+    """check()'s first true answer, asked every 0.3 s; fails if `process` ends first or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert process is None or process.poll() is None, f"the command ended before {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.3)
+    return found
+
+
 @contextmanager
 def serving(command: list[str], port: int, ready_path: str, cwd: Path, env: dict[str, str]) -> Iterator[str]:
     """Run a server on 127.0.0.1:port until it answers ready_path; stop it afterwards. Yields its base URL."""

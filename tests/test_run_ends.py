@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import mlflow
@@ -19,14 +18,7 @@ import yaml
 
 from mnist_pipeline.data import load_mnist
 from mnist_pipeline.tracking import tag
-from tests.conftest import (
-    copy_workdir,
-    dvc,
-    free_port,
-    mlflow_server,
-    pipeline_commands,
-    project_env,
-)
+from tests.conftest import copy_workdir, dvc, free_port, mlflow_server, pipeline_commands, project_env, wait_until
 
 pytestmark = pytest.mark.slow
 RECORD_STEPS = {  # what record has just done when it is killed: the function that has just returned
@@ -67,18 +59,6 @@ def assert_champion_loads(root: Path, uri: str) -> mlflow.entities.model_registr
     images, _ = load_mnist(root / "data/raw", "t10k")
     assert len(mlflow.pyfunc.load_model("models:/mnist-cnn@champion").predict(images[:4])) == 4
     return champion
-
-
-def wait_for(what: str, check: Callable[[], object], process: subprocess.Popen | None = None,
-             timeout: float = 300) -> object:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        assert process is None or process.poll() is None, f"the command ended before {what}"
-        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
-        time.sleep(0.3)
 
 
 def longer_training(root: Path) -> None:
@@ -146,7 +126,7 @@ def test_sigkill_of_the_whole_training_tree_is_ended_by_the_next_training(repo: 
     training = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, env=project_env(),
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        live = wait_for("live run with curves", lambda: live_run_with_curves(uri), training)
+        live = wait_until("live run with curves", lambda: live_run_with_curves(uri), training)
         helper = int(live.data.tags[tag.HEARTBEAT].split()[2])
         # Everything, as an OOM kill or a closed terminal's hang-up to the whole session does: DVC, the stage, the
         # helper (in a session of its own).
@@ -182,13 +162,13 @@ def test_a_tracking_server_stopped_mid_training(repo: Path, tmp_path: Path, back
         training = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo,
                                     env=project_env(MLFLOW_TRACKING_URI=uri), text=True,
                                     stdout=(tmp_path / "out.txt").open("w"), stderr=subprocess.STDOUT)
-        live = wait_for("live run with curves", lambda: live_run_with_curves(uri), training)
+        live = wait_until("live run with curves", lambda: live_run_with_curves(uri), training)
 
     def output() -> str:
         return (tmp_path / "out.txt").read_text()
 
     try:
-        wait_for("the line that the store stopped answering", lambda: "stopped answering" in output(), training)
+        wait_until("the line that the store stopped answering", lambda: "stopped answering" in output(), training)
         if back == "during the training":
             with mlflow_server(server, port):
                 assert training.wait(timeout=600) == 0, output()[-3000:]

@@ -8,7 +8,6 @@ mid-trial, then PostgreSQL restarted under a worker.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal

@@ -38,6 +38,7 @@ from mnist_pipeline.tracking.store import StoreError, check_store, resolve_store
 from mnist_pipeline.training import load_state_dict
 from tests.conftest import (
     REPO, copy_workdir, doc_block, doc_commands, dvc, free_port, program, project_env, queue_workers, wait_for_queue,
+    wait_until,
 )
 from tools.stage_commands import stage_commands
 from tools.team_server import TeamServer
@@ -373,7 +374,7 @@ def name_ref(clone: Path, name: str) -> str:
     return ref
 
 
-# ---- the tracking server -----------------------------------------------------------------------------------------------
+# ---- the tracking server ------------------------------------------------------------------------------------------
 def test_a_wrong_or_missing_login_fails_in_one_line_before_training(team: Team, baseline: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MLFLOW_TRACKING_URI", team.url)
@@ -700,7 +701,7 @@ def test_restarting_the_server_and_the_database_loses_nothing(team: Team, tmp_pa
         check_store(resolve_store())
 
 
-# ---- runs that end with their training -------------------------------------------------------------------------------
+# ---- runs that end with their training ----------------------------------------------------------------------------
 def own_experiment(root: Path, name: str, **train: object) -> None:
     """Params of a test's own: its MLflow experiment and registered model (the other tests count theirs), and its
     training shrunk or grown as it needs."""
@@ -719,15 +720,6 @@ def experiment_runs(team: Team, name: str) -> list[mlflow.entities.Run]:
         if experiment is None:
             return []
         return client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
-
-
-def wait_until(what: str, check, process: subprocess.Popen, timeout: float = 300) -> object:
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert process.poll() is None, f"the command ended before {what}"
-        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
-        time.sleep(0.3)
-    return found
 
 
 def assert_one_finished_run_and_none_running(team: Team, name: str) -> list[mlflow.entities.Run]:

@@ -155,8 +155,8 @@ def main(reports: Path) -> None:
     deadline = time.monotonic() + END_TRIES_S
     while not curves.send(end_tags, now=True):
         if time.monotonic() > deadline:
-            later = ("record completes it once the store answers (train noted it beside the model)" if status == "FINISHED"
-                     else "the next pipeline command ends it KILLED once the store answers")
+            later = ("record completes it once the store answers (train noted it beside the model)"
+                     if status == "FINISHED" else "the next pipeline command ends it KILLED once the store answers")
             say(f"the MLflow store {curves.where} still does not answer: run {run_id} stays open; {later}")
             return
         time.sleep(RETRY_S)

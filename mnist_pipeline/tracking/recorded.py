@@ -152,7 +152,8 @@ def dead_running(runs: list[StoredRun], now: float | None = None) -> list[Stored
             and dead_because(r.tags, r.start_time, now) is not None]
 
 
-def recorded_locally(database: Path, experiment: str, key: str, entry: str, live_run_id: str | None) -> StoredRun | None:
+def recorded_locally(database: Path, experiment: str, key: str, entry: str,
+                     live_run_id: str | None) -> StoredRun | None:
     """record's quick path: the result's run, when a local store holds it under this DVC name and nothing is left to
     write (no training of it waits for record, no run of the experiment is left RUNNING by a dead process); read from
     the SQLite file alone, without MLflow's start-up. None: MLflow must look (and write)."""

@@ -31,10 +31,10 @@ SERVED_CODE_SHA256 = "served_code_sha256"
 MODEL_VERSION = "model.version"  # on a run: "<registered model>/<version>"
 MODEL_RUN_ID = "model.run_id"  # on a run whose model file an earlier run registered
 VAL_ACC = "train.best_val_acc"  # on a registered version: what the champion is chosen by, never test accuracy
-FILES_LOST = "files_lost"
+FILES_LOST = "files_lost"  # on a registered version whose files are gone from the artifact store
 # On a run of a result whose registered model lost its files, once another run records the result: that run's id,
 # and the key it no longer carries (tag.RESULT_KEY is taken off: one run per result).
-REPLACED_BY, REPLACED_RESULT_KEY = "replaced_by", "replaced_result_key"  # on a registered version whose files are gone from the artifact store
+REPLACED_BY, REPLACED_RESULT_KEY = "replaced_by", "replaced_result_key"
 LOGGED_MODEL_VERSIONS = "mlflow.modelVersions"  # on a logged model, as MLflow's own registration writes it
 EXPERIMENT_KIND = "mlflow.experimentKind"  # on the experiment: model training, for MLflow's UI and search
 
