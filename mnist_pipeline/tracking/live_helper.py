@@ -21,7 +21,8 @@ from mlflow.entities import Metric, Param, RunTag  # noqa: E402
 from mnist_pipeline.errors import first_line  # noqa: E402
 from mnist_pipeline.tracking import mlflow_store, tag  # noqa: E402
 from mnist_pipeline.tracking.heartbeat import BEAT_EVERY_S, beat, end_dead_runs  # noqa: E402
-from mnist_pipeline.tracking.recording import mark_repeat, recorded_model  # noqa: E402
+from mnist_pipeline.tracking.recorded import recorded_model  # noqa: E402
+from mnist_pipeline.tracking.recording import mark_repeat  # noqa: E402
 from mnist_pipeline.tracking.result import run_name, run_tags  # noqa: E402
 from mnist_pipeline.tracking.store import resolve_store  # noqa: E402
 
@@ -162,9 +163,9 @@ def main(reports: Path) -> None:
         time.sleep(RETRY_S)
     try:
         trained = status == "FINISHED" and end.get("model_sha256")
-        found = recorded_model(client, experiment_id, end["model_sha256"], start["params"]) if trained else None
+        found = recorded_model(experiment_id, end["model_sha256"], start["params"]) if trained else None
         if found is not None:  # the same bytes as a result recorded before: ended here, whether record runs or not
-            say(mark_repeat(client, run_id, found.info.run_id, found.info.run_name))
+            say(mark_repeat(client, run_id, found.run_id, found.name))
         else:
             client.set_terminated(run_id, status)
     except mlflow_store.STORE_ERRORS as err:

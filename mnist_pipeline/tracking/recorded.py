@@ -42,9 +42,11 @@ class StoredRun:
     loads: bool = False
 
 
-def recorded_run(runs: list[StoredRun], key: str) -> StoredRun | None:
-    """The run that records the result `key`, among an experiment's runs: the conditions, in one place."""
-    complete = [r for r in runs if r.status == FINISHED and r.tags.get(tag.RESULT_KEY) == key and r.loads]
+def recorded_run(runs: list[StoredRun], key: str | None = None) -> StoredRun | None:
+    """The run that records the result `key` (any result, when None), among an experiment's runs: the conditions, in
+    one place."""
+    complete = [r for r in runs if r.status == FINISHED and tag.RESULT_KEY in r.tags and r.loads
+                and (key is None or r.tags[tag.RESULT_KEY] == key)]
     return min(complete, key=lambda r: r.start_time, default=None)
 
 
@@ -70,6 +72,22 @@ def mlflow_runs(experiment_id: str, key: str, run_ids: tuple[str, ...] = ()) -> 
     return [StoredRun(r.info.run_id, r.info.run_name, r.info.status, r.info.start_time, dict(r.data.tags),
                       r.info.status == FINISHED and r.data.tags.get(tag.RESULT_KEY) == key and _mlflow_version_loads(
                           r.data.tags.get(tag.MODEL_VERSION, ""))) for r in found.values()]
+
+
+def recorded_model(experiment_id: str, model_sha256: str, params: dict[str, str]) -> StoredRun | None:
+    """The run of a result recorded before from this model file and these params (so from the same data and code),
+    by recorded_run's conditions: what a training that just made this file repeats. The live run's helper asks it,
+    knowing no result key."""
+    import mlflow
+
+    found = mlflow.MlflowClient().search_runs(
+        [experiment_id], max_results=100,
+        filter_string=f"tags.{tag.MODEL_SHA256} = '{model_sha256}' and attributes.status = '{FINISHED}'")
+    # Every param the training had; the result's run has more (MLflow logs the served model's model_config too).
+    same = [r for r in found if tag.RESULT_KEY in r.data.tags and all(r.data.params.get(k) == v
+                                                                       for k, v in params.items())]
+    return recorded_run([StoredRun(r.info.run_id, r.info.run_name, r.info.status, r.info.start_time, dict(r.data.tags),
+                                   _mlflow_version_loads(r.data.tags.get(tag.MODEL_VERSION, ""))) for r in same])
 
 
 def _mlflow_version_loads(version: str) -> bool:

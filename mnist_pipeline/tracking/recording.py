@@ -28,12 +28,7 @@ from mnist_pipeline.params import Params, flatten
 from mnist_pipeline.reports import read_metrics, read_summary, read_train_log
 from mnist_pipeline.tracking import mlflow_store, registry, tag
 from mnist_pipeline.tracking.heartbeat import beat, dead_because, end_dead_runs
-from mnist_pipeline.tracking.recorded import (
-    StoredRun,
-    awaits_record,
-    mlflow_runs,
-    recorded_run,
-)
+from mnist_pipeline.tracking.recorded import StoredRun, awaits_record, mlflow_runs, recorded_run
 from mnist_pipeline.tracking.result import Result, names_entry, run_name, run_tags
 from mnist_pipeline.tracking.store import Store, StoreError
 
@@ -75,18 +70,6 @@ def mark_repeat(client: mlflow.MlflowClient, run_id: str, found_id: str, found_n
     client.set_terminated(run_id, "KILLED")
     return (f"run {run_id}, which watched this training, ended KILLED as a repeat of run {found_id} (the same "
             "bytes: one run per result)")
-
-
-def recorded_model(client: mlflow.MlflowClient, experiment_id: str, model_sha256: str,
-                   params: dict[str, str]) -> mlflow.entities.Run | None:
-    """The run of a result recorded before from this model file and these params (so from the same data and code):
-    what a training that just made this file repeats. The first made."""
-    runs = client.search_runs([experiment_id], order_by=["attributes.start_time ASC"], max_results=100,
-                              filter_string=(f"tags.{tag.MODEL_SHA256} = '{model_sha256}' and "
-                                             "attributes.status = 'FINISHED'"))
-    # Every param the training had; the result's run has more (MLflow logs the served model's model_config too).
-    return next((r for r in runs if tag.RESULT_KEY in r.data.tags
-                 and all(r.data.params.get(k) == v for k, v in params.items())), None)
 
 
 def logged_model(run_id: str, experiment_id: str, version_tags: dict[str, str]) -> str | None:
