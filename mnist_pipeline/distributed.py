@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from mnist_pipeline import import_gc
 from mnist_pipeline.cpu_kernels import PINS
 from mnist_pipeline.errors import PipelineError, first_line, interrupt, interrupted
 from mnist_pipeline.params import PARAMS_FILE, Params, ParamsError, flatten
@@ -66,11 +67,6 @@ class Rank:
         into that machine's checkout: on one machine, that is rank 0 alone.
         """
         return self.local_rank == 0
-
-
-def launched() -> bool:
-    """Whether torchrun started this process (it sets these variables in each process it starts)."""
-    return all(key in os.environ for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
 
 
 def machines() -> int:
@@ -272,6 +268,7 @@ def run_rank(main: Callable[[], None]) -> None:
     torchrun stops the other processes with SIGTERM when one fails: raised as KeyboardInterrupt here, it lets
     atomic writes remove their temporary files. A launcher that dies takes the processes with it.
     """
+    import_gc.resume()  # paused for the imports (stages/__init__.py)
     die_with_launcher()
     signal.signal(signal.SIGTERM, interrupt)
     try:
@@ -284,6 +281,7 @@ def run_rank(main: Callable[[], None]) -> None:
         os._exit(1)  # not sys.exit: interpreter shutdown could wait on peers that are gone
     if dist.is_initialized():
         dist.destroy_process_group()
+    import_gc.before_exit()
 
 
 def _record_failure(err: BaseException) -> None:

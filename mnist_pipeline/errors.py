@@ -8,6 +8,8 @@ import signal
 import sys
 from collections.abc import Callable
 
+from mnist_pipeline import import_gc
+
 # The user and password part of a URL (scheme://user:password@host/...), as pip, MLflow and DVC accept them.
 URL_LOGIN = re.compile(r"(?<=://)[^/?#@\s'\"]*@")
 
@@ -47,7 +49,9 @@ def run_stage(main: Callable[[], None]) -> None:
 
     The one SIGTERM path of every stage and tool, whatever it does (live curves or not): raised as
     KeyboardInterrupt, so runs end KILLED saying why and temporary files go; the previous handler is put back.
+    The garbage collector that loading paused (stages/__init__.py) works again for main() (import_gc.py).
     """
+    import_gc.resume()
     previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         main()
@@ -62,3 +66,4 @@ def run_stage(main: Callable[[], None]) -> None:
         sys.exit("error: the stage's output was closed (broken pipe): outputs not yet written are left as they were")
     finally:
         signal.signal(signal.SIGTERM, previous)
+        import_gc.before_exit()

@@ -22,7 +22,7 @@ from mnist_pipeline.machine import provenance, write_trained_on
 from mnist_pipeline.model import Net
 from mnist_pipeline.params import PARAMS_FILE, Params, ParamsError, flatten
 from mnist_pipeline.reports import LogRow, TrainSummary, read_split, train_split_size, write_summary, write_train_log
-from mnist_pipeline.tracking.live_run import append_report, live_run
+from mnist_pipeline.tracking.live_run import Helper, append_report, live_run
 from mnist_pipeline.tracking.store import resolve_store
 from mnist_pipeline.training import check_learned, make_deterministic, state_dict_bytes, train
 
@@ -81,23 +81,24 @@ def device_tags(device: torch.device, world_size: int, backend: str) -> dict[str
     return {**provenance(), "train.device": device.type, "train.world_size": str(world_size), "train.backend": backend}
 
 
-def train_watched(files: TrainFiles, params: Params, device: torch.device) -> None:
-    """Train in this process alone, watched by a live run."""
+def train_watched(files: TrainFiles, params: Params, device: torch.device, helper: Helper | None) -> None:
+    """Train in this process alone, watched by the live run `helper` makes (None: no live run)."""
     tags = device_tags(device, 1, "none")
-    with live_run(params.mlflow.experiment, files.outputs(), flatten(params), tags) as live:
+    with live_run(params.mlflow.experiment, files.outputs(), flatten(params), tags, helper) as live:
         model_sha256 = train_and_write(files, params, None, device)
         if live is not None:
             live.end("FINISHED", model_sha256=model_sha256)
 
 
-def launch(module: str, args: list[str], files: TrainFiles, params: Params, device: torch.device) -> None:
-    """Train on train.processes processes under torchrun, each running `python -m module args`, watched by a live run;
-    a failure is one line and a FAILED MLflow run."""
+def launch(module: str, args: list[str], files: TrainFiles, params: Params, device: torch.device,
+           helper: Helper | None) -> None:
+    """Train on train.processes processes under torchrun, each running `python -m module args`, watched by the live
+    run `helper` makes; a failure is one line and a FAILED MLflow run."""
     here = distributed.processes_here(params.train.processes, device)
     distributed.check_rendezvous_port()
     backend = "nccl" if device.type == "cuda" else "gloo"
     tags = device_tags(device, params.train.processes, backend)
-    with live_run(params.mlflow.experiment, files.outputs(), flatten(params), tags) as live:
+    with live_run(params.mlflow.experiment, files.outputs(), flatten(params), tags, helper) as live:
         try:
             distributed.launch(here, module, args, params.train.num_threads)
         except distributed.JobFailed as err:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from mnist_pipeline import import_gc
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.files import atomic_write_text, sha256_file
 from mnist_pipeline.machine import live_run_of
@@ -45,12 +46,13 @@ def main() -> None:
     if quick is not None:
         print(f"record: already recorded as run '{quick.name}' ({quick.run_id}) in {store.uri}")
     else:
-        from mnist_pipeline.tracking.recording import (
-            record,  # MLflow, only when there is something to write
-        )
+        # MLflow, only when there is something to write; it loads most of its modules as it writes, and this short
+        # process makes little garbage: the collector stays paused
+        with import_gc.paused():
+            from mnist_pipeline.tracking.recording import record
 
-        for line in record(result, params, store, tags, RETRY, key, live_run_id):
-            print(line)
+            for line in record(result, params, store, tags, RETRY, key, live_run_id):
+                print(line)
     atomic_write_text(marker, MARKER_TEXT)
 
 

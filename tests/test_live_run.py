@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -152,6 +153,35 @@ def test_a_training_killed_under_a_tracking_server_leaves_its_run_killed(pipelin
     assert run["info"]["status"] == "KILLED" and tags["training"] == "killed", run
 
 
+def command_line(pid: Path) -> str:
+    """A process's command line, or "" for one that ended meanwhile."""
+    try:
+        return (pid / "cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def test_a_training_refused_after_its_helper_started_makes_no_run_and_leaves_nothing(pipeline: Path) -> None:
+    """The helper starts before the stage loads torch, and loads MLflow meanwhile: a training refused after that (a
+    batch larger than the training split) ends in the stage's one line, its helper gone with it, quietly, having
+    made no run, and its report folder gone."""
+    params = yaml.safe_load((pipeline / "params.yaml").read_text())
+    params["train"]["batch_size"] = 60000
+    (pipeline / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    runs_before = len(runs(pipeline))
+    process = subprocess.Popen([sys.executable, "-m", "stages.train", *STAGE_ARGS["train"]], cwd=pipeline,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=project_env(PYTHONPATH=str(REPO), DVC_ROOT=str(pipeline)))
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("error: params.yaml: train.batch_size: 60000 is larger than the"), err
+    assert len(runs(pipeline)) == runs_before
+    assert not [pid for pid in Path("/proc").glob("[0-9]*") if f"{live_run.LIVE_FOLDER_PREFIX}{process.pid}-" in
+                command_line(pid)], "the helper outlived its stage"
+    folders = (pipeline / ".dvc/tmp", Path(tempfile.gettempdir()))
+    assert [f for folder in folders for f in folder.glob(f"{live_run.LIVE_FOLDER_PREFIX}{process.pid}-*")] == []
+
+
 def subprocess_train(root: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen([sys.executable, "-m", "stages.train", *STAGE_ARGS["train"]], cwd=root,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -216,8 +246,9 @@ def test_a_store_that_never_answers_delays_the_training_by_the_start_limit_alone
         threading.Thread(target=hold, daemon=True).start()
         monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{listener.getsockname()[1]}")
         monkeypatch.setattr(live_run, "START_TIMEOUT_S", 5)
+        helper = live_run.Helper(tmp_path)
         started = time.monotonic()
-        answer = live_run.LiveRun.start("mnist", [], {}, {}, tmp_path / "reports.jsonl")
+        answer = live_run.LiveRun.start(helper, "mnist", [], {}, {})
         waited = time.monotonic() - started
     for connection in held:
         connection.close()

@@ -11,9 +11,13 @@ import sys
 import time
 from pathlib import Path
 
+from mnist_pipeline import import_gc
+
 # Asked once per call, not MLflow's minutes of retries: a store that does not answer is said at once and asked again.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+if __name__ == "__main__":  # the training waits for this process's run: MLflow loads with the collector paused
+    import_gc.pause()
 
 import mlflow  # noqa: E402 - after the variables above, which MLflow reads as it loads
 from mlflow.entities import Metric, Param, RunTag  # noqa: E402
@@ -118,13 +122,17 @@ def start_run(start: dict[str, object]) -> tuple[mlflow.MlflowClient, str, str, 
 
 def main(reports: Path) -> None:
     logging.getLogger("mlflow").setLevel(logging.WARNING)  # a new store's INFO lines are not the stage's output
-    start = json.loads(sys.stdin.readline())
+    line = sys.stdin.readline()
+    if not line.strip():  # the stage ended before its training (a refused input, Ctrl+C): no run to make
+        return
+    start = json.loads(line)
     try:
         client, experiment_id, run_id, name, tags = start_run(start)
     except Exception as err:  # noqa: BLE001 - any failure is the one line the stage prints
         print(f"error {' '.join(str(err).split())}", flush=True)
         return
     print(f"ready {run_id} {name}", flush=True)
+    import_gc.resume()  # MLflow and the store's modules are loaded: collections as usual while the training runs
     # Nothing more goes to stdout. MLflow prints "View run ... at" as it ends a run on a tracking server, before
     # it writes the status: into the stage's pipe, whose reader a killed stage took with it, that would raise
     # BrokenPipeError and leave the run RUNNING for good.
@@ -175,3 +183,4 @@ def main(reports: Path) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]))
+    import_gc.before_exit()

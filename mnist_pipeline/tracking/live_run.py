@@ -1,7 +1,8 @@
 """Training curves in MLflow while train runs: a helper process that owns the result's run and tails the reports.
 
-The train stage starts the helper before its loop and waits until the run exists, so that MLflow's start-up does
-not share the CPU with the loop. The first training process appends each report to a file; the helper logs
+The train stage starts the helper first thing, so that MLflow loads there while torch loads in the stage (a second
+or more each, in parallel on two cores), and waits until the run exists before its loop, so that MLflow's start-up
+does not share the CPU with the loop. The first training process appends each report to a file; the helper logs
 what appears there every half second, with a heartbeat (tracking/heartbeat.py). The stage tells the helper how the
 training ended; a stage that dies without a word (SIGKILL) closes its pipe, and the helper ends the run KILLED.
 The helper runs in a session of its own so that a signal to the stage's process group does not take it too. When
@@ -12,6 +13,7 @@ the run's id beside the model, machine.LIVE_RUN_ENV). Train itself never imports
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -53,22 +55,54 @@ def append_report(row: LogRow) -> None:
             file.write(json.dumps(values) + "\n")
 
 
+class Helper:
+    """The helper process, started before the stage loads torch: it loads MLflow, then waits for the run's details."""
+
+    def __init__(self, folder: Path) -> None:
+        self.reports = folder / "reports.jsonl"
+        self.reports.touch()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mnist_pipeline.tracking.live_helper", str(self.reports)], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, text=True, start_new_session=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PROJECT, os.environ.get("PYTHONPATH")]))},
+        )
+
+    def close(self) -> None:
+        """Gone: a helper never told of a training (the stage failed first) ends with its stdin, making no run."""
+        with contextlib.suppress(OSError):  # a helper gone already
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=START_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+@contextmanager
+def helper_started() -> Iterator[Helper | None]:
+    """The live run's helper, loading MLflow from now on, for the block; None when MNIST_LIVE_CURVES=off."""
+    if os.environ.get(SWITCH_ENV, "").lower() == "off":
+        yield None
+        return
+    with tempfile.TemporaryDirectory(prefix=f"{LIVE_FOLDER_PREFIX}{os.getpid()}-", dir=live_folders()) as folder:
+        helper = Helper(Path(folder))
+        try:
+            yield helper
+        finally:
+            helper.close()
+
+
 class LiveRun:
-    """The stage's side: start the helper, learn its run, tell it the end."""
+    """The stage's side: learn the helper's run, tell it the end."""
 
     def __init__(self, process: subprocess.Popen[str], run_id: str, name: str) -> None:
         self.process, self.run_id, self.name = process, run_id, name
 
     @classmethod
-    def start(cls, experiment: str, outputs: list[Path], params: dict[str, object], tags: dict[str, str],
-              reports: Path) -> LiveRun | str:
+    def start(cls, helper: Helper, experiment: str, outputs: list[Path], params: dict[str, object],
+              tags: dict[str, str]) -> LiveRun | str:
         """The live run, or why there is none (one line; training goes on and record makes the run later)."""
-        reports.touch()
-        process = subprocess.Popen(
-            [sys.executable, "-m", "mnist_pipeline.tracking.live_helper", str(reports)], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, text=True, start_new_session=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PROJECT, os.environ.get("PYTHONPATH")]))},
-        )
+        process = helper.process
         process.stdin.write(json.dumps({"experiment": experiment, "outputs": [str(p) for p in outputs], "tags": tags,
                                         "params": {k: str(v) for k, v in params.items()}}) + "\n")
         process.stdin.flush()
@@ -81,7 +115,7 @@ class LiveRun:
             process.kill()
             process.wait()
             return " ".join(answer[1:]) or "its helper process ended without a word"
-        os.environ[REPORTS_ENV] = str(reports)  # torchrun's processes inherit it
+        os.environ[REPORTS_ENV] = str(helper.reports)  # torchrun's processes inherit it
         os.environ[LIVE_RUN_ENV] = answer[1]
         return cls(process, answer[1], answer[2])
 
@@ -124,28 +158,28 @@ def live_folders() -> Path:
 
 
 @contextmanager
-def live_run(experiment: str, outputs: list[Path], params: dict[str, object],
-             tags: dict[str, str]) -> Iterator[LiveRun | None]:
-    """A live run around a training: FINISHED when the block completes, KILLED or FAILED when it raises.
+def live_run(experiment: str, outputs: list[Path], params: dict[str, object], tags: dict[str, str],
+             helper: Helper | None) -> Iterator[LiveRun | None]:
+    """A live run around a training, made by `helper` (helper_started): FINISHED when the block completes, KILLED or
+    FAILED when it raises.
 
-    None when MNIST_LIVE_CURVES=off, or when the store cannot take a run now (said in one line: the
-    training goes on, and record makes the run once the result is complete).
+    None when there is no helper (MNIST_LIVE_CURVES=off), or when the store cannot take a run now (said in one
+    line: the training goes on, and record makes the run once the result is complete).
     """
-    if os.environ.get(SWITCH_ENV, "").lower() == "off":
+    if helper is None:
         yield None
         return
-    with tempfile.TemporaryDirectory(prefix=f"{LIVE_FOLDER_PREFIX}{os.getpid()}-", dir=live_folders()) as folder:
-        live = LiveRun.start(experiment, outputs, params, tags, Path(folder) / "reports.jsonl")
-        if isinstance(live, str):
-            print(f"train: no live curves in MLflow ({live}); record logs them with the result", file=sys.stderr)
-            yield None
-            return
-        try:
-            yield live
-        except KeyboardInterrupt as err:  # Ctrl+C, or SIGTERM as errors.run_stage raises it
-            live.end("KILLED", interrupted(err))
-            raise
-        except BaseException as err:
-            live.end("FAILED", first_line(str(err)) or type(err).__name__)
-            raise
-        live.end("FINISHED")
+    live = LiveRun.start(helper, experiment, outputs, params, tags)
+    if isinstance(live, str):
+        print(f"train: no live curves in MLflow ({live}); record logs them with the result", file=sys.stderr)
+        yield None
+        return
+    try:
+        yield live
+    except KeyboardInterrupt as err:  # Ctrl+C, or SIGTERM as errors.run_stage raises it
+        live.end("KILLED", interrupted(err))
+        raise
+    except BaseException as err:
+        live.end("FAILED", first_line(str(err)) or type(err).__name__)
+        raise
+    live.end("FINISHED")
