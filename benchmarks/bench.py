@@ -219,6 +219,11 @@ def bookkeeping_rows(cost: dict | None) -> list[tuple[str, str]]:
                                   f"({pair['ratio_min']}-{pair['ratio_max']})"))
     rows.append(("a new-model record of this checkout, by part (wall s, CPU s)", ""))
     rows += [(f"  {part}", f"{wall} s, {cpu} CPU-s") for part, (wall, cpu) in cost["record_parts"].items()]
+    if "load_torch_mlflow_and_exit" in cost:  # reports from before mnist_pipeline/import_gc.py have none
+        pair = cost["load_torch_mlflow_and_exit"]
+        rows.append(("a process loading torch and MLflow, then exiting: collector paused / Python's",
+                     f"{pair['now_s']} s / {pair['base_s']} s = {pair['ratio']}x "
+                     f"({pair['ratio_min']}-{pair['ratio_max']})"))
     return rows
 
 

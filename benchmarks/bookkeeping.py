@@ -2,15 +2,17 @@
 
 Section `bookkeeping` of benchmarks/bench.py: a new-model record into a new store, and a one-epoch `dvc exp run`
 outside its training loop (its wall time minus the loop's, as the train stage prints it), each side by side with
-817411a's code `git archive`d beside this checkout (benchmarks/record_vs_base.py); and where a new-model record's
-time goes, measured with perf_counter and process_time around its parts in one process (no profiler: cProfile
-inflates the many small calls of imports several-fold).
+817411a's code `git archive`d beside this checkout (benchmarks/record_vs_base.py); where a new-model record's time
+goes, measured with perf_counter and process_time around its parts in one process, medians of the repeats (no
+profiler: cProfile inflates the many small calls of imports several-fold); and what pausing the garbage collector
+while torch and MLflow load saves a process (mnist_pipeline/import_gc.py), against Python's own collector, in pairs.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,8 @@ BASE = "817411a"  # main before issue 31: record imported torch twice over, live
 # stage's own steps, each wrapped where it is called.
 PARTS = r'''
 import functools, io, json, contextlib, sys, time
+from mnist_pipeline import import_gc
+import_gc.pause()  # as `python -m stages.record` does (stages/__init__.py), and run_stage's resume() below
 parts = {}
 def timed(label, owner, name):
     original = getattr(owner, name)
@@ -61,6 +65,7 @@ timed("ours: params, tags, metrics (MLflow calls)", recording, "_batches")
 timed("ours: reports and figures (MLflow call)", recording, "_log_files")
 sys.argv = ["stages.record", *sys.argv[1:]]
 wall, cpu = time.perf_counter(), time.process_time()
+import_gc.resume()
 with contextlib.redirect_stdout(io.StringIO()):
     stage.main()
 parts["the stage's main(), all of it"] = [time.perf_counter() - wall, time.process_time() - cpu]
@@ -68,15 +73,31 @@ print(json.dumps({k: [round(w, 2), round(c, 2)] for k, (w, c) in parts.items()})
 '''
 
 
-def record_parts(store_root: Path, env: dict[str, str]) -> dict[str, list[float]]:
-    """Each part of one new-model record of this checkout, [wall s, CPU s], into a new store under `store_root`."""
-    store_root.mkdir()
-    result = subprocess.run([sys.executable, "-c", PARTS, *record_args(REPO, store_root / "recorded", None)],
-                            cwd=REPO, capture_output=True, text=True,
-                            env={**env, "PYTHONPATH": str(REPO), "DVC_ROOT": str(store_root)})
-    if result.returncode != 0:
-        sys.exit(f"benchmark: the record parts failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+def record_parts(folder: Path, env: dict[str, str], repeats: int) -> dict[str, list[float]]:
+    """Each part of a new-model record of this checkout, [wall s, CPU s], each the median over `repeats` records,
+    each into a new store under `folder` (one process's parts vary by half a second from run to run here)."""
+    measured = []
+    for i in range(repeats):
+        store_root = folder / f"store-{i}"
+        store_root.mkdir(parents=True)
+        result = subprocess.run([sys.executable, "-c", PARTS, *record_args(REPO, store_root / "recorded", None)],
+                                cwd=REPO, capture_output=True, text=True,
+                                env={**env, "PYTHONPATH": str(REPO), "DVC_ROOT": str(store_root)})
+        if result.returncode != 0:
+            sys.exit(f"benchmark: the record parts failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}")
+        measured.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    return {part: [round(statistics.median(m[part][k] for m in measured), 2) for k in (0, 1)] for part in measured[0]}
+
+
+def load_and_exit_seconds(collector: str, env: dict[str, str]) -> float:
+    """A process that loads torch and MLflow and exits, its collector `paused` as our programs run it
+    (mnist_pipeline/import_gc.py) or as Python has it (`base`)."""
+    paused = "from mnist_pipeline import import_gc; import_gc.pause(); "
+    code = f"{paused if collector == 'now' else ''}import torch, mlflow.pyfunc; import mnist_pipeline.import_gc as g; "
+    code += "g.resume(); g.before_exit()"
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, env={**env, "PYTHONPATH": str(REPO)})
+    return time.perf_counter() - start
 
 
 def outside_loop_seconds(clone: Path, lr: float, env: dict[str, str]) -> float:
@@ -103,5 +124,6 @@ def bookkeeping_cost(repeats: int) -> dict:
         clones = baseline_clones(trees, root, env)
         report["exp_run_outside_loop"] = pairs(
             lambda name, i: outside_loop_seconds(clones[name], 0.001 + (i + 1) * 1e-5, env), repeats)
-        report["record_parts"] = record_parts(root / "parts", env)
+        report["record_parts"] = record_parts(root / "parts", env, repeats)
+        report["load_torch_mlflow_and_exit"] = pairs(lambda name, i: load_and_exit_seconds(name, env), repeats)
     return report

@@ -1,12 +1,12 @@
 """Python's cyclic garbage collector around a program's imports and its exit: paused while torch and MLflow load,
 blind to what they made once loaded.
 
-torch, MLflow and matplotlib make hundreds of thousands of objects as they load, which live as long as the process.
-Python 3.11's collector walks all of them at each full collection while they load, and again as the process exits:
-about a third of a stage's start and most of its exit (docs/performance.md). So each program of ours that loads
-them pauses the collector before its imports (stages/__init__.py, the live-run helper) and, once loaded, moves
-what exists out of the collector's sight (gc.freeze) and turns it back on: the work itself is collected as usual.
-A process that did not pause (pytest running a stage's main) is left alone by all of these.
+torch and MLflow make about 500,000 objects as they load, which live as long as the process. Python 3.11's collector
+walks all of them at each full collection while they load, and again as the process exits: a process that loads both
+and exits takes about 0.6x the time with the collector paused (docs/performance.md). So each program of ours pauses
+the collector before its imports (stages/__init__.py, the live-run helper) and around the imports it makes late
+(`paused`), and once loaded moves what exists out of the collector's sight (gc.freeze) and turns it back on: the
+work itself is collected as usual. A process that did not pause (pytest running a stage's main) is left alone.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ def resume() -> None:
 
 @contextmanager
 def paused() -> Iterator[None]:
-    """The collector paused around a late import (MLflow in record, only when there is something to write)."""
+    """The collector paused for a block that loads modules late: train's torch (after its live-run helper started),
+    record's MLflow and its short work with it (only when there is something to write)."""
     if not _program or not gc.isenabled():
         yield
         return

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from mnist_pipeline import import_gc
 from mnist_pipeline.errors import run_stage
 from mnist_pipeline.params import load_params
 from mnist_pipeline.tracking.live_run import helper_started
@@ -31,9 +32,10 @@ def main() -> None:
     args, params = arguments(), load_params()
     # The live run's helper loads MLflow while this process loads torch below: a second or more each, in parallel.
     with helper_started() as helper:
-        from mnist_pipeline import train_job
-        from mnist_pipeline.tracking.store import check_store, resolve_store
-        from mnist_pipeline.training import select_device
+        with import_gc.paused():
+            from mnist_pipeline import train_job
+            from mnist_pipeline.tracking.store import check_store, resolve_store
+            from mnist_pipeline.training import select_device
 
         files = train_job.TrainFiles(**args)
         train_job.check_batch_size(params.train.batch_size, files.split)
@@ -48,8 +50,9 @@ def main() -> None:
 
 def process_main() -> None:
     """One process of torchrun's job; the launcher's live run watches it."""
-    from mnist_pipeline import distributed, train_job
-    from mnist_pipeline.training import select_device
+    with import_gc.paused():
+        from mnist_pipeline import distributed, train_job
+        from mnist_pipeline.training import select_device
 
     files, params = train_job.TrainFiles(**arguments()), load_params()
     train_job.check_batch_size(params.train.batch_size, files.split)

@@ -248,8 +248,12 @@ def test_a_store_that_never_answers_delays_the_training_by_the_start_limit_alone
         monkeypatch.setattr(live_run, "START_TIMEOUT_S", 5)
         helper = live_run.Helper(tmp_path)
         started = time.monotonic()
-        answer = live_run.LiveRun.start(helper, "mnist", [], {}, {})
-        waited = time.monotonic() - started
+        try:
+            answer = live_run.LiveRun.start(helper, "mnist", [], {}, {})
+            waited = time.monotonic() - started
+            assert helper.process.poll() is not None  # killed with its session when the limit passed
+        finally:
+            helper.close()
     for connection in held:
         connection.close()
     assert answer == "the store made no run within 5 s" and 5 <= waited < 15, (answer, waited)

@@ -66,16 +66,31 @@ class Helper:
             stdout=subprocess.PIPE, text=True, start_new_session=True,
             env={**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PROJECT, os.environ.get("PYTHONPATH")]))},
         )
+        self.told = False  # sent the run's details: from then on it may have a run, which it ends as told
+
+    def tell(self, message: dict[str, object]) -> bool:
+        """One line to the helper; False when it is gone (its MLflow failed to load, an OOM kill)."""
+        try:
+            self.process.stdin.write(json.dumps(message) + "\n")
+            self.process.stdin.flush()
+        except OSError:
+            return False
+        return True
 
     def close(self) -> None:
-        """Gone: a helper never told of a training (the stage failed first) ends with its stdin, making no run."""
-        with contextlib.suppress(OSError):  # a helper gone already
+        """Gone. A helper never told of a training (the stage failed first) has made no run: killed at once, not
+        waited for while MLflow loads; one told ends with its stdin, after it ended its run."""
+        with contextlib.suppress(OSError):
             self.process.stdin.close()
+        if not self.told:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)  # its session: MLflow's own children go too
         try:
             self.process.wait(timeout=START_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+        self.process.stdout.close()
 
 
 @contextmanager
@@ -102,11 +117,16 @@ class LiveRun:
     def start(cls, helper: Helper, experiment: str, outputs: list[Path], params: dict[str, object],
               tags: dict[str, str]) -> LiveRun | str:
         """The live run, or why there is none (one line; training goes on and record makes the run later)."""
-        process = helper.process
-        process.stdin.write(json.dumps({"experiment": experiment, "outputs": [str(p) for p in outputs], "tags": tags,
-                                        "params": {k: str(v) for k, v in params.items()}}) + "\n")
-        process.stdin.flush()
-        if not select.select([process.stdout], [], [], START_TIMEOUT_S)[0]:
+        process, helper.told = helper.process, True
+        if not helper.tell({"experiment": experiment, "outputs": [str(p) for p in outputs], "tags": tags,
+                            "params": {k: str(v) for k, v in params.items()}}):
+            return "its helper process ended without a word"
+        try:
+            answered = select.select([process.stdout], [], [], START_TIMEOUT_S)[0]
+        except KeyboardInterrupt as err:  # Ctrl+C or SIGTERM while the store makes the run: it ends KILLED, saying so
+            helper.tell({"end": "KILLED", "cause": interrupted(err), "model_sha256": ""})
+            raise
+        if not answered:
             os.killpg(process.pid, signal.SIGKILL)  # its session: MLflow's own children go too
             process.wait()
             return f"the store made no run within {START_TIMEOUT_S} s"
