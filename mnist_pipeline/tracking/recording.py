@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import tempfile
 from dataclasses import asdict
@@ -148,6 +149,10 @@ def record(result: Result, params: Params, store: Store, tags: dict[str, str], r
     model_sha256 = sha256_file(result.model)
     entry = names_entry(tags)
     registered = params.mlflow.registered_model
+    # The stage's output is its lines: not MLflow's INFO lines (a new store's tables, the input example's check) nor
+    # its bar for the model it loads back to check that example; its warnings stay.
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     with mlflow_store.store_errors(store, retry):
         experiment_id = mlflow_store.configure(store, params.mlflow.experiment)
