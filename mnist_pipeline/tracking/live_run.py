@@ -41,6 +41,7 @@ SWITCH_ENV = "MNIST_LIVE_CURVES"  # "off": no run during training (record makes 
 # How long the stage waits for the helper's run before it trains without one: MLflow's start and a run's creation
 # take seconds; a store that takes connections and never answers would hold the training for MLflow's retries.
 START_TIMEOUT_S = 60
+END_TIMEOUT_S = 60  # how long the stage waits for the helper to end the run (it retries a silent store for 30 s)
 LIVE_FOLDER_PREFIX = "mnist-live-"  # then the training's pid: a folder whose process is gone is a left-over
 PROJECT = str(Path(__file__).resolve().parents[2])  # where the helper imports this package from, whatever the cwd
 
@@ -86,7 +87,7 @@ class Helper:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.process.pid, signal.SIGKILL)  # its session: MLflow's own children go too
         try:
-            self.process.wait(timeout=START_TIMEOUT_S)
+            self.process.wait(timeout=END_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
@@ -110,8 +111,8 @@ def helper_started() -> Iterator[Helper | None]:
 class LiveRun:
     """The stage's side: learn the helper's run, tell it the end."""
 
-    def __init__(self, process: subprocess.Popen[str], run_id: str, name: str) -> None:
-        self.process, self.run_id, self.name = process, run_id, name
+    def __init__(self, helper: Helper, run_id: str, name: str) -> None:
+        self.helper, self.run_id, self.name = helper, run_id, name
 
     @classmethod
     def start(cls, helper: Helper, experiment: str, outputs: list[Path], params: dict[str, object],
@@ -137,7 +138,7 @@ class LiveRun:
             return " ".join(answer[1:]) or "its helper process ended without a word"
         os.environ[REPORTS_ENV] = str(helper.reports)  # torchrun's processes inherit it
         os.environ[LIVE_RUN_ENV] = answer[1]
-        return cls(process, answer[1], answer[2])
+        return cls(helper, answer[1], answer[2])
 
     def where(self) -> str:
         return f"MLflow run '{self.name}' ({self.run_id})"
@@ -147,18 +148,11 @@ class LiveRun:
 
         A finished training names its model file, by which record finds this run to complete it.
         """
-        if self.process.stdin.closed:  # told already
+        if self.helper.process.stdin.closed:  # told already
             return
-        try:
-            message = {"end": status, "cause": cause, "model_sha256": model_sha256}
-            self.process.stdin.write(json.dumps(message) + "\n")
-            self.process.stdin.close()
-        except OSError:  # the helper is gone (its store failed): nothing more to say to it
-            pass
-        try:
-            self.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
+        # A helper gone already (its store failed) has nothing more to hear: tell() says False, and close() reaps it.
+        self.helper.tell({"end": status, "cause": cause, "model_sha256": model_sha256})
+        self.helper.close()
         os.environ.pop(REPORTS_ENV, None)
         os.environ.pop(LIVE_RUN_ENV, None)
 
